@@ -27,7 +27,7 @@ from simclr_tf.data import augment, pipeline  # noqa: E402
 from simclr_tf.data.sources import DataSource  # noqa: E402
 
 SOURCE_HEIGHT, SOURCE_WIDTH = 256, 320
-BATCH_FOR_SIZE = {32: 128, 224: 16}
+BATCH_FOR_SIZE = {32: 128, 64: 64, 96: 32, 128: 32, 160: 16, 224: 16}
 
 
 def jpeg_decoded_images(count: int, seed: int = 0) -> tf.Tensor:

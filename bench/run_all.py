@@ -178,7 +178,8 @@ def augment_section(report: Report, quick: bool) -> None:
     args = ["--sizes", "32,224", "--seconds", "4" if quick else "8", "--rounds", "2" if quick else "3"]
     report.add("## Augmentation: batched vs per-image", "",
                "Two-view pretraining batches from JPEG-decoded 256x320 sources; ours (per-element crop + resize, "
-               "then one XLA program per batch for flip, jitter, grayscale, blur) against the reference's "
+               "then one XLA program for flip, jitter, grayscale, blur: per batch below 192 px, per example "
+               "from 192 px) against the reference's "
                "one-image-at-a-time `map` of the same ops, alternating rounds in one process (median).", "")
     r = run_cached("augment.py", args)
     if r:

@@ -216,6 +216,33 @@ def test_gaussian_blur_against_numpy():
     assert A.blur_radius(224) == 11 and A.blur_radius(32) == 1 and A.blur_radius(19) == 0
 
 
+def test_fast_blur_skips_only_negligible_taps():
+    """The shortened blur equals the full 2r+1-tap blur (NumPy, float64) to within the tail tolerance, and
+    the radius it picks is the shortest bucket whose left-out weight (float64) is within that tolerance."""
+    rng = np.random.default_rng(16)
+    radius = A.blur_radius(224)  # 11, the reference's kernel at 224 px
+    image = rng.uniform(0, 1, size=(3, 30, 34))
+    buckets = A.blur_radius_buckets(radius)
+    assert buckets[-1] == radius and buckets == sorted(set(buckets)) and len(buckets) > 3
+    picked = []
+    for sigma in np.linspace(*A.BLUR_SIGMA_RANGE, 25):
+        taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * np.float32(sigma) ** 2))
+        taps /= taps.sum()
+        padded = np.pad(image, [(0, 0), (0, 0), (radius, radius)])
+        horizontal = sum(taps[i] * padded[:, :, i:i + 34] for i in range(2 * radius + 1))
+        padded = np.pad(horizontal, [(0, 0), (radius, radius), (0, 0)])
+        expected = sum(taps[i] * padded[:, i:i + 30, :] for i in range(2 * radius + 1))
+        out = A.fast_gaussian_blur(tf.constant(image, tf.float32), tf.constant(sigma, tf.float32), radius)
+        np.testing.assert_allclose(out.numpy(), expected, atol=A.BLUR_TAIL_TOLERANCE + 3e-7, err_msg=str(sigma))
+        used = int(A.blur_taps_radius(tf.constant(sigma, tf.float32), radius))
+        tail = lambda r: taps[:radius - r].sum() + taps[radius + r + 1:].sum()  # noqa: E731
+        fitting = [r for r in buckets if tail(r) <= A.BLUR_TAIL_TOLERANCE * (1 + 1e-3)]
+        assert used == fitting[0] or (used in fitting and tail(fitting[0]) > A.BLUR_TAIL_TOLERANCE * 0.999)
+        picked.append(used)
+    # Small sigmas really use fewer taps (that is the point), the largest need them all.
+    assert picked[0] == buckets[0] and picked[-1] == radius and np.mean(picked) < 0.75 * radius
+
+
 def test_blur_applied_only_where_drawn():
     n, size = 64, 32
     # Constant-colour images: jitter off, so only blur (zero padding darkens the border) can change pixels.
@@ -250,6 +277,25 @@ def test_batch_augmenter_seeded():
     c = augment(images, tf.constant([1, 3], tf.int64)).numpy()
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0.1
+
+
+@pytest.mark.parametrize("options", [dict(), dict(color=False, use_blur=False), dict(brightness="v1")])
+def test_example_augmenter_equals_batch_pixels(options):
+    """The per-example program (used by the pipeline for large views) gives, for the same draws, the pixels
+    of `apply_with_params` on the rescaled views, side by side on the channel axis."""
+    size = 40  # blur radius 2
+    rng = np.random.default_rng(17)
+    views = [tf.constant(rng.uniform(-5, 260, size=(size, size, 3)), tf.float32) for _ in range(2)]
+    seed = tf.constant([21, 22], tf.int64)
+    brightness = options.get("brightness", "v2")
+    augment = A.make_example_augmenter(input_scale=1 / 255, **options)
+    out = augment(views, seed).numpy()
+    assert out.shape == (size, size, 6) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    params = A.sample_params(2, seed, **options)
+    batch = A.apply_with_params(tf.stack(views) / 255.0, params, brightness=brightness).numpy()
+    np.testing.assert_allclose(out, np.concatenate([batch[0], batch[1]], axis=-1), atol=2e-5)
+    single = A.make_example_augmenter(input_scale=1 / 255, **options)(views[:1], seed).numpy()
+    assert single.shape == (size, size, 3)
 
 
 # ------------------------------------------------------- whole views: ours vs the literal reference

@@ -43,40 +43,45 @@ def take(dataset: tf.data.Dataset, k: int) -> list:
     return [(x.numpy(), y.numpy()) for x, y in dataset.take(k)]
 
 
-def test_pretrain_shapes_views_and_seed():
+# Both stage-2 layouts: one XLA program per batch (small views) and one per example (large views).
+SIZES = [24, pipeline.EXAMPLE_PROGRAM_MIN_SIZE]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_pretrain_shapes_views_and_seed(size):
     source = make_source(random_images(20, 40, 48), random_images(5, 40, 48, 1))
-    input_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=24,
+    input_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=size,
                                        color_jitter_strength=0.5, seed=3)
     batches = take(input_fn(None), 3)
     for images, labels in batches:
-        assert images.shape == (8, 24, 24, 6) and images.dtype == np.float32
+        assert images.shape == (8, size, size, 6) and images.dtype == np.float32
         assert labels.shape == (8,) and labels.dtype == np.int64
         assert images.min() >= 0.0 and images.max() <= 1.0
         # The two views of every image differ.
         assert all(np.abs(images[i, ..., :3] - images[i, ..., 3:]).max() > 0.05 for i in range(8))
     # Same seed, same batches; another seed, other batches.
-    again = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=24,
+    again = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=size,
                                          color_jitter_strength=0.5, seed=3)(None), 3)
     for (a, la), (b, lb) in zip(batches, again):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
-    other = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=24,
+    other = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=size,
                                          color_jitter_strength=0.5, seed=4)(None), 1)
     assert np.abs(other[0][0] - batches[0][0]).max() > 0.1
     grid = pipeline.view_grid(batches[0][0], 3)
-    assert grid.shape == (1, 3 * 24, 2 * 24, 3) and grid.dtype == tf.float32
-    np.testing.assert_array_equal(grid[0, 24:48, 24:].numpy(), batches[0][0][1, ..., 3:])
+    assert grid.shape == (1, 3 * size, 2 * size, 3) and grid.dtype == tf.float32
+    np.testing.assert_array_equal(grid[0, size:2 * size, size:].numpy(), batches[0][0][1, ..., 3:])
 
 
-@pytest.mark.parametrize("mode", ["finetune", "distill"])
-def test_finetune_views_are_crop_and_flip_only(mode):
+@pytest.mark.parametrize("mode,size", [("finetune", 32), ("distill", 32), ("finetune", SIZES[1])])
+def test_finetune_views_are_crop_and_flip_only(mode, size):
     # Constant-colour sources: crop + bicubic resize keeps the colour; jitter, grayscale or blur would not.
     images, colours = constant_images(16, 30, 36)
     source = make_source(images, images[:4])
-    input_fn = pipeline.build_input_fn(source, mode=mode, global_batch_size=16, image_size=32,
+    input_fn = pipeline.build_input_fn(source, mode=mode, global_batch_size=16, image_size=size,
                                        color_jitter_strength=1.0, use_blur=True, cache_dataset=True, seed=0)
     for views, labels in take(input_fn(None), 4):
-        assert views.shape == (16, 32, 32, 3) and views.dtype == np.float32
+        assert views.shape == (16, size, size, 3) and views.dtype == np.float32
         np.testing.assert_allclose(views, np.broadcast_to(colours[labels][:, None, None, :], views.shape),
                                    atol=1e-5)
 

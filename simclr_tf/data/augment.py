@@ -53,17 +53,22 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
     return tf.image.convert_image_dtype(image, tf.float32)
 
 
-def _resize_bicubic(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Bicubic resize of one image to float32 [S, S, 3] in the [0, 1] scale.
+def input_scale(dtype: tf.DType) -> float:
+    """Factor from an image dtype's range to [0, 1] (what `convert_image_dtype` multiplies by)."""
+    return 1.0 / 255.0 if dtype == tf.uint8 else 1.0
+
+
+def _resize_bicubic(image: tf.Tensor, image_size: int, rescale: bool = True) -> tf.Tensor:
+    """Bicubic resize of one image to float32 [S, S, 3], in the [0, 1] scale unless `rescale=False`
+    (then in the image dtype's own range, e.g. 0..255 for uint8).
 
     Resizing is linear, so resizing the uint8 crop and then scaling by 1/255 equals (up to float rounding)
     the reference's convert-then-resize, without converting the whole source image first.
     """
-    resized = tf.image.resize(image[tf.newaxis], [image_size, image_size],
+    resized = tf.image.resize(tf.cast(image, tf.float32)[tf.newaxis], [image_size, image_size],
                               method=tf.image.ResizeMethod.BICUBIC)[0]
-    if image.dtype == tf.uint8:
-        resized = resized * (1.0 / 255.0)
-    return resized
+    scale = input_scale(image.dtype)
+    return resized * scale if rescale and scale != 1.0 else resized
 
 
 def crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -79,11 +84,15 @@ def crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.
     return begin, size
 
 
-def random_crop_resize(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tensor:
+def random_crop_resize(image: tf.Tensor, image_size: int, seed: tf.Tensor, rescale: bool = True) -> tf.Tensor:
     """Stage 1 of a training view: Inception crop + bicubic resize. Not clipped (bicubic may overshoot [0,1]
-    slightly; the reference clips only later, and so do we)."""
+    slightly; the reference clips only later, and so do we).
+
+    `rescale=False` leaves the view in the image dtype's range: the input pipeline folds the 1/255 into the
+    first pass of its compiled stage 2 (`make_batch_augmenter(input_scale=...)`) instead of paying a
+    separate multiply over every view here."""
     begin, size = crop_window(tf.shape(image), seed)
-    return _resize_bicubic(tf.slice(image, begin, size), image_size)
+    return _resize_bicubic(tf.slice(image, begin, size), image_size, rescale)
 
 
 def center_crop_window(height: tf.Tensor, width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -159,6 +168,13 @@ def sample_params(n: tf.Tensor | int, seed: tf.Tensor, *, color_jitter_strength:
 # every per-pixel formula reads three contiguous planes, which XLA vectorises (channel-last strided access
 # made the same ops about 3x slower). Each matches the tf.image op named in its docstring.
 
+def _channel_max_min(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-pixel max and min over the three planes, as element-wise ops (XLA turns a reduce over the outer
+    axis into a slower loop)."""
+    r, g, b = x[0], x[1], x[2]
+    return tf.maximum(r, tf.maximum(g, b)), tf.minimum(r, tf.minimum(g, b))
+
+
 def adjust_brightness(x: tf.Tensor, value: tf.Tensor, brightness: str) -> tf.Tensor:
     """v2: x * factor (the reference's multiplicative brightness); v1: tf.image.adjust_brightness (x + delta)."""
     return x * value if brightness == "v2" else x + value
@@ -177,8 +193,7 @@ def adjust_saturation(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     v - (v - c) * r, with r = min(f, 1/s) = min(f, v / (max - min)). Where v <= 0 the kernel sets s = 0,
     which maps the pixel to (v, v, v), i.e. r = 0.
     """
-    vmax = tf.reduce_max(x, axis=0)
-    vmin = tf.reduce_min(x, axis=0)
+    vmax, vmin = _channel_max_min(x)
     ratio = tf.minimum(factor, tf.math.divide_no_nan(vmax, vmax - vmin))
     ratio = tf.where(vmax > 0, ratio, 0.0)
     return vmax - (vmax - x) * ratio
@@ -188,21 +203,18 @@ def adjust_hue(x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
     """tf.image.adjust_hue: like the AdjustHue kernel it keeps each pixel's min and max channel and rotates
     the hue (in sextants) between them."""
     r, g, b = x[0], x[1], x[2]
-    vmax = tf.maximum(r, tf.maximum(g, b))
-    vmin = tf.minimum(r, tf.minimum(g, b))
+    vmax, vmin = _channel_max_min(x)
     chroma = vmax - vmin
     inverse = 1.0 / tf.where(chroma > 0, chroma, 1.0)
     h = tf.where(tf.equal(r, vmax), (g - b) * inverse,
                  tf.where(tf.equal(g, vmax), 2.0 + (b - r) * inverse, 4.0 + (r - g) * inverse))
     h = h + 6.0 * delta
     h = h - 6.0 * tf.floor(h / 6.0)
-    # HSV -> RGB: channel n is vmax - chroma * clip(min(k, 4 - k), 0, 1) with k = (offset_n + h) mod 6.
-    channels = []
-    for offset in (5.0, 3.0, 1.0):
-        k = offset + h
-        k = k - 6.0 * tf.floor(k / 6.0)
-        channels.append(vmax - chroma * tf.clip_by_value(tf.minimum(k, 4.0 - k), 0.0, 1.0))
-    return tf.stack(channels)
+    # HSV -> RGB: channel n is vmax - chroma * clip(min(k, 4 - k), 0, 1) with k = (offset_n + h) mod 6,
+    # broadcast over the planes (a stack of three planes compiles to a slower concatenation).
+    k = tf.reshape(tf.constant([5.0, 3.0, 1.0]), [3, 1, 1]) + h
+    k = k - 6.0 * tf.floor(k / 6.0)
+    return vmax - chroma * tf.clip_by_value(tf.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def to_grayscale(x: tf.Tensor) -> tf.Tensor:
@@ -224,17 +236,76 @@ def gaussian_kernels(sigma: tf.Tensor, radius: int) -> tf.Tensor:
 
 
 def gaussian_blur(x: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """Separable Gaussian blur (the reference's depthwise conv pair) with SAME zero padding, as sums of
-    shifted copies, which fuse into one loop per direction under XLA."""
+    """Separable Gaussian blur (the reference's depthwise conv pair) of a planar image `[3, H, W]` with SAME
+    zero padding and all 2r+1 taps."""
     if radius == 0:
         return x
-    kernel = gaussian_kernels(sigma[tf.newaxis], radius)[0]
+    return _separable_blur(x, gaussian_kernels(sigma[tf.newaxis], radius)[0])
+
+
+def _separable_blur(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """Both 1-D passes of `kernel` (static length 2r+1) as sums of shifted copies, which XLA fuses into one
+    loop per direction."""
+    size = int(kernel.shape[0])
+    radius = size // 2
     height, width = x.shape[1], x.shape[2]
-    size = 2 * radius + 1
     padded = tf.pad(x, [[0, 0], [0, 0], [radius, radius]])
     x = tf.add_n([padded[:, :, i:i + width] * kernel[i] for i in range(size)])
     padded = tf.pad(x, [[0, 0], [radius, radius], [0, 0]])
     return tf.add_n([padded[:, i:i + height, :] * kernel[i] for i in range(size)])
+
+
+# A tap is left out when all taps beyond it together weigh at most this (of a normalised kernel): on [0, 1]
+# pixels that moves a result by at most 1e-7, below float32 resolution near 1 (1.2e-7).
+BLUR_TAIL_TOLERANCE = 1e-7
+
+
+def blur_radius_buckets(radius: int) -> list[int]:
+    """The shortened radii `fast_gaussian_blur` may use (ascending, ending with the full radius): about six,
+    so that the compiled program stays small while the expected tap count drops by about 40%."""
+    return sorted({max(1, round(radius * i / 6)) for i in range(1, 7)})
+
+
+def fast_gaussian_blur(x: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """`gaussian_blur` that skips the outer taps a small sigma leaves negligible.
+
+    The reference always convolves with 2r+1 taps (23 at 224 px), but for sigma = 1 the outer ten taps
+    together weigh 4e-9. Of the normalised full kernel this keeps the shortest centre part (from
+    `blur_radius_buckets`) whose left-out taps weigh at most BLUR_TAIL_TOLERANCE, so results match the
+    full blur to within that on [0, 1] images; cost is proportional to the taps kept.
+    """
+    return _maybe_blur(x, sigma, radius, tf.constant(True), clip=False)
+
+
+def _maybe_blur(x: tf.Tensor, sigma: tf.Tensor, radius: int, apply: tf.Tensor, clip: bool) -> tf.Tensor:
+    """`fast_gaussian_blur` where `apply`, else `x`, as one conditional; with `clip` the clip to [0, 1] is
+    inside the blur branches, where XLA fuses it into the last pass."""
+    if radius == 0:
+        return x
+    kernel = gaussian_kernels(sigma[tf.newaxis], radius)[0]
+    buckets = blur_radius_buckets(radius)
+    finish = _clip if clip else (lambda y: y)
+    return tf.switch_case(tf.where(apply, _shortest_bucket(kernel, buckets) + 1, 0), [lambda: x] + [
+        lambda r=r: finish(_separable_blur(x, kernel[radius - r:radius + r + 1])) for r in buckets])
+
+
+def _shortest_bucket(kernel: tf.Tensor, buckets: list[int]) -> tf.Tensor:
+    """Index in `buckets` of the shortest radius whose left-out taps of `kernel` weigh <= the tolerance."""
+    radius = int(kernel.shape[0]) // 2
+    # Weight beyond distance r, for r = 1..radius, summed from the outside in (small terms first).
+    outer = kernel[:radius][::-1] + kernel[radius + 1:]
+    tails = tf.concat([tf.cumsum(outer, reverse=True)[1:], [0.0]], 0)
+    fits = tf.stack([tails[r - 1] <= BLUR_TAIL_TOLERANCE for r in buckets])
+    return tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # first fit; the last always fits
+
+
+def blur_taps_radius(sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """The radius `fast_gaussian_blur` convolves with for `sigma` (int32 scalar; 0 when radius is 0)."""
+    if radius == 0:
+        return tf.constant(0, tf.int32)
+    buckets = blur_radius_buckets(radius)
+    kernel = gaussian_kernels(sigma[tf.newaxis], radius)[0]
+    return tf.gather(tf.constant(buckets, tf.int32), _shortest_bucket(kernel, buckets))
 
 
 def _clip(x: tf.Tensor) -> tf.Tensor:
@@ -246,14 +317,18 @@ def _jitter_one(x: tf.Tensor, p: ViewParams, brightness: str) -> tf.Tensor:
 
     The clip sits inside each branch so that XLA fuses it into the op's last pass (a clip after the
     conditional would be a pass of its own)."""
-    for step in range(4):
-        x = tf.switch_case(p.order[step], [
-            lambda x=x: _clip(adjust_brightness(x, p.brightness, brightness)),
-            lambda x=x: _clip(adjust_contrast(x, p.contrast)),
-            lambda x=x: _clip(adjust_saturation(x, p.saturation)),
-            lambda x=x: _clip(adjust_hue(x, p.hue)),
+
+    def step(i: tf.Tensor, x: tf.Tensor) -> tuple:
+        return i + 1, tf.switch_case(p.order[i], [
+            lambda: _clip(adjust_brightness(x, p.brightness, brightness)),
+            lambda: _clip(adjust_contrast(x, p.contrast)),
+            lambda: _clip(adjust_saturation(x, p.saturation)),
+            lambda: _clip(adjust_hue(x, p.hue)),
         ])
-    return x
+
+    # A loop over the four steps rather than four unrolled conditionals: the same speed (the image is
+    # materialised between ops either way) with a quarter of the code for XLA to compile.
+    return tf.while_loop(lambda i, x: i < 4, step, (tf.constant(0), x))[1]
 
 
 def _augment_one(x: tf.Tensor, p: ViewParams, brightness: str, radius: int) -> tf.Tensor:
@@ -263,9 +338,7 @@ def _augment_one(x: tf.Tensor, p: ViewParams, brightness: str, radius: int) -> t
     # A select, not a cond: grayscale is three multiply-adds per pixel, cheaper than a conditional's copies,
     # and the select fuses with the clip into one pass.
     x = _clip(tf.where(p.grayscale, to_grayscale(x), x))
-    if radius > 0:
-        x = tf.cond(p.blur, lambda: _clip(gaussian_blur(x, p.sigma, radius)), lambda: x)
-    return x
+    return _maybe_blur(x, p.sigma, radius, p.blur, clip=True)
 
 
 def apply_with_params(images: tf.Tensor, params: ViewParams, *, brightness: str = "v2") -> tf.Tensor:
@@ -316,10 +389,11 @@ def flip_and_clip(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
 
 
 def make_batch_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool = True, brightness: str = "v2",
-                         color: bool = True, jit: bool = True,
-                         pairs: bool = False) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+                         color: bool = True, jit: bool = True, pairs: bool = False,
+                         input_scale: float = 1.0) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """Returns `augment(images [n,S,S,3], seed int[2]) -> [n,S,S,3]`: sample_params + apply_with_params, the
-    latter XLA-compiled (jit=True) for speed. With no colour and no blur (fine-tune) it is flip + clip.
+    latter XLA-compiled (jit=True) for speed. With no colour and no blur (fine-tune) it is flip + clip, also
+    compiled (as separate eager ops it cost a third of the whole fine-tune input pipeline at 224 px).
 
     `pairs=True`: the images are two views of n/2 examples (view-1 rows first) and the result is the
     pretraining layout `[n/2, S, S, 6]` (`apply_pairs_with_params`), with the same draws for the same seed.
@@ -329,8 +403,15 @@ def make_batch_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool =
     check_brightness_impl(brightness)
     apply_fn = apply_pairs_with_params if pairs else apply_with_params
 
+    def batch_of(parts: list) -> tf.Tensor:
+        images = tf.concat(parts, axis=0)
+        return images * input_scale if input_scale != 1.0 else images
+
     def apply(parts: list, params: ViewParams) -> tf.Tensor:
-        return apply_fn(tf.concat(parts, axis=0), params, brightness=brightness)
+        if colour_or_blur:
+            return apply_fn(batch_of(parts), params, brightness=brightness)
+        out = flip_and_clip(batch_of(parts), params.flip)
+        return tf.concat(tf.split(out, 2, axis=0), axis=-1) if pairs else out
 
     compiled = tf.function(apply, jit_compile=True, autograph=False) if jit else apply
     colour_or_blur = (color and color_jitter_strength > 0) or use_blur
@@ -340,10 +421,43 @@ def make_batch_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool =
         n = tf.add_n([tf.shape(p)[0] for p in parts])
         params = sample_params(n, seed, color_jitter_strength=color_jitter_strength,
                                use_blur=use_blur, brightness=brightness, color=color)
-        if not colour_or_blur:
-            out = flip_and_clip(tf.concat(parts, axis=0), params.flip)
-            return tf.concat(tf.split(out, 2, axis=0), axis=-1) if pairs else out
         return compiled(parts, params)
+
+    return augment
+
+
+def make_example_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool = True, brightness: str = "v2",
+                           color: bool = True, input_scale: float = 1.0
+                           ) -> Callable[[list, tf.Tensor], tf.Tensor]:
+    """Returns `augment(views, seed int[2]) -> [S, S, 3k]`: stage 2 of one example's k views (a list of
+    `[S, S, 3]` stage-1 outputs), XLA-compiled, with the views side by side on the channel axis (the
+    pretraining layout for k = 2). Draws as `sample_params(k, seed)`; pixels as `apply_with_params`.
+
+    Runs inside the per-example `Dataset.map`: with static shapes and a python loop over the k views, every
+    op compiles to straight-line fused loops (the batch program's `map_fn` indexes images dynamically,
+    which XLA compiles to slower loops), and the stage-1 output is consumed while still in cache.
+    """
+    check_brightness_impl(brightness)
+    colour_or_blur = (color and color_jitter_strength > 0) or use_blur
+
+    def apply(views: list, params: ViewParams) -> tf.Tensor:
+        x = tf.stack(views)
+        x = x * input_scale if input_scale != 1.0 else x
+        x = tf.where(tf.reshape(params.flip, [-1, 1, 1, 1]), tf.reverse(x, axis=[2]), x)
+        if not colour_or_blur:
+            return tf.concat(tf.unstack(_clip(x)), axis=-1)
+        x = tf.transpose(x, [0, 3, 1, 2])
+        radius = blur_radius(int(x.shape[2]))
+        out = [_augment_one(x[i], ViewParams(*[t[i] for t in params]), brightness, radius)
+               for i in range(len(views))]
+        return tf.transpose(tf.concat(out, axis=0), [1, 2, 0])
+
+    compiled = tf.function(apply, jit_compile=True, autograph=False)
+
+    def augment(views: list, seed: tf.Tensor) -> tf.Tensor:
+        params = sample_params(len(views), seed, color_jitter_strength=color_jitter_strength,
+                               use_blur=use_blur, brightness=brightness, color=color)
+        return compiled(list(views), params)
 
     return augment
 

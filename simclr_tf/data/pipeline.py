@@ -1,7 +1,8 @@
 """tf.data input functions per mode (DESIGN.md section 1), for `strategy.distribute_datasets_from_function`.
 
 Train modes: [cache] -> shuffle -> repeat -> per-element map (crop + bicubic resize, augment.py stage 1) ->
-batch(drop_remainder) -> per-batch map (flip, colour, blur: stage 2, XLA-compiled) -> prefetch.
+batch(drop_remainder) -> per-batch map (flip, colour, blur: stage 2, XLA-compiled) -> prefetch; from
+EXAMPLE_PROGRAM_MIN_SIZE px up, stage 2 runs per example at the end of the per-element map instead.
 Eval: [cache] -> centre crop -> batch keeping the remainder -> prefetch, no repeat.
 
 Every random choice is keyed by a per-element seed from `Dataset.random`, so with `seed` set the same input
@@ -10,6 +11,7 @@ their views are independent.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Literal, Optional
@@ -25,6 +27,12 @@ MODES = ("pretrain", "finetune", "distill", "eval")
 InputFn = Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]
 
 _AUTOTUNE = tf.data.AUTOTUNE
+# From this view size up, stage 2 runs as one XLA program per example inside the per-example map; below it,
+# as one program per batch. Per example, every image is indexed statically (the batch program's map_fn
+# indexes dynamically, which compiles to slower loops) but each call has a fixed launch cost, which small
+# views cannot amortise. Measured with bench/augment.py on 2 cores: per batch wins up to 128 px, the two
+# tie at 160 px, per example is about 12% faster at 224 px.
+EXAMPLE_PROGRAM_MIN_SIZE = 192
 # Keeps the seeds of different input pipelines apart (a prime above any realistic pipeline count).
 _PIPELINE_SEED_STRIDE = 1_000_003
 
@@ -80,9 +88,17 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, im
     training = mode != "eval"
     drop = training if drop_remainder is None else bool(drop_remainder)
     pretrain = mode == "pretrain"
-    batch_augment = augment.make_batch_augmenter(
-        color_jitter_strength=color_jitter_strength, use_blur=use_blur and pretrain,
-        brightness=brightness, color=pretrain, pairs=pretrain)
+
+    per_example = image_size >= EXAMPLE_PROGRAM_MIN_SIZE
+
+    @functools.lru_cache(maxsize=None)
+    def augmenter(input_scale: float) -> Callable:
+        # One per source value range (in practice one), shared by all input pipelines so XLA compiles once.
+        options = dict(color_jitter_strength=color_jitter_strength, use_blur=use_blur and pretrain,
+                       brightness=brightness, color=pretrain, input_scale=input_scale)
+        if per_example:
+            return augment.make_example_augmenter(**options)
+        return augment.make_batch_augmenter(pairs=pretrain, **options)
 
     def input_fn(input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         ctx = input_context or tf.distribute.InputContext()
@@ -103,25 +119,31 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, im
             dataset = _replayable_stream(dataset, buffer, seed * _PIPELINE_SEED_STRIDE + ctx.input_pipeline_id,
                                          start_element=start_step * per_replica)
 
+        # Stage 1 leaves views in the source's value range; stage 2 rescales them in its first fused pass.
+        stage2 = augmenter(augment.input_scale(dataset.element_spec[0][0].dtype))
+
         def per_element(example: tuple, key: tf.Tensor) -> tuple:
             image, label = example
             seeds = tf.random.experimental.stateless_split(tf.stack([key, tf.constant(0, tf.int64)]), 3)
-            views = [augment.random_crop_resize(image, image_size, seeds[0])]
+            views = [augment.random_crop_resize(image, image_size, seeds[0], rescale=False)]
             if pretrain:
-                views.append(augment.random_crop_resize(image, image_size, seeds[1]))
+                views.append(augment.random_crop_resize(image, image_size, seeds[1], rescale=False))
+            if per_example:  # [S, S, 3] or the two-view [S, S, 6], drawn from the example's own seed
+                return stage2(views, seeds[2]), label
             return tuple(views) + (label, seeds[2])
 
         def per_batch(*batch: tf.Tensor) -> tuple:
             *views, labels, seeds = batch
             # One seed per batch drives all its per-image draws (sample_params). For pretraining the
             # augmenter returns the [b, S, S, 6] two-view layout itself (interleaved inside its XLA program).
-            return batch_augment(views, seeds[0]), labels
+            return stage2(views, seeds[0]), labels
 
         dataset = dataset.map(per_element, num_parallel_calls=_AUTOTUNE)
         dataset = dataset.batch(per_replica, drop_remainder=drop)
-        # Each batch is one long single-threaded XLA program: run as many at once as there are cores (the
-        # autotuner, tuned for short per-element maps, tends to leave this map at one call in flight).
-        dataset = dataset.map(per_batch, num_parallel_calls=max(2, os.cpu_count() or 1))
+        if not per_example:
+            # Each batch is one long single-threaded XLA program: run as many at once as there are cores (the
+            # autotuner, tuned for short per-element maps, tends to leave this map at one call in flight).
+            dataset = dataset.map(per_batch, num_parallel_calls=max(2, os.cpu_count() or 1))
         return dataset.prefetch(_AUTOTUNE)
 
     return input_fn
