@@ -2,11 +2,12 @@
 
 Stage 1 runs per element inside `Dataset.map` because sources may have images of any size: the Inception
 crop (the real `stateless_sample_distorted_bounding_box` op, so the box distribution is TF's own) and the
-bicubic resize to `image_size`. Stage 2 runs after `batch()` on `[n, S, S, 3]` float32: flip, colour jitter in
-a per-image random order, grayscale, clip and Gaussian blur, with per-image parameters drawn for the whole
-batch by `sample_params` and applied by `apply_with_params`. Stage 2 is one XLA-compiled program per batch
-(`make_batch_augmenter`): per-image op chains fuse into a few cache-resident passes and only the ops an image
-drew are computed, which is where the speed-up over the reference's one-image-at-a-time `map` comes from.
+bicubic resize to `image_size`. Stage 2 is flip, colour jitter in a per-image random order, grayscale, clip
+and Gaussian blur, with per-image parameters drawn by `sample_params` and applied by `apply_with_params`, as
+one XLA-compiled program: per batch after `batch()` (`make_batch_augmenter`) or, for large views, per
+example at the end of the per-element map (`make_example_augmenter`; the input pipeline picks). Per-image op
+chains fuse into a few cache-resident passes and only the ops an image drew are computed, which is where the
+speed-up over the reference's one-image-at-a-time `map` comes from.
 
 Randomness is stateless and keyed by explicit seeds, so the same seed gives the same batch.
 
