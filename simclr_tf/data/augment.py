@@ -373,7 +373,7 @@ def apply_pairs_with_params(images: tf.Tensor, params: ViewParams, *, brightness
 def _apply_planar(images: tf.Tensor, params: ViewParams, brightness: str) -> tf.Tensor:
     """Stage 2 of `[n, S, S, 3]`; returns the planar result `[n, 3, S, S]`."""
     # The flip is a select over the batch that fuses into the transpose to planar layout.
-    x = tf.where(tf.reshape(params.flip, [-1, 1, 1, 1]), tf.reverse(images, axis=[2]), images)
+    x = _flip(images, params.flip)
     x = tf.transpose(x, [0, 3, 1, 2])
     radius = blur_radius(int(x.shape[2]))
 
@@ -385,8 +385,21 @@ def _apply_planar(images: tf.Tensor, params: ViewParams, brightness: str) -> tf.
 
 def flip_and_clip(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
     """The fine-tune view's stage 2 (crop was stage 1): flip with per-image masks, clip."""
-    x = tf.where(tf.reshape(flip, [-1, 1, 1, 1]), tf.reverse(images, axis=[2]), images)
-    return tf.clip_by_value(x, 0.0, 1.0)
+    return _clip(_flip(images, flip))
+
+
+def _flip(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+    """Left-right flip of the images `[n, S, S, 3]` whose `flip` [n] is True, as a select."""
+    return tf.where(tf.reshape(flip, [-1, 1, 1, 1]), tf.reverse(images, axis=[2]), images)
+
+
+def _scaled(images: tf.Tensor, input_scale: float) -> tf.Tensor:
+    return images * input_scale if input_scale != 1.0 else images
+
+
+def _colour_or_blur(color: bool, color_jitter_strength: float, use_blur: bool) -> bool:
+    """Whether stage 2 does more than flip + clip."""
+    return (color and color_jitter_strength > 0) or use_blur
 
 
 def make_batch_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool = True, brightness: str = "v2",
@@ -404,9 +417,10 @@ def make_batch_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool =
     check_brightness_impl(brightness)
     apply_fn = apply_pairs_with_params if pairs else apply_with_params
 
+    colour_or_blur = _colour_or_blur(color, color_jitter_strength, use_blur)
+
     def batch_of(parts: list) -> tf.Tensor:
-        images = tf.concat(parts, axis=0)
-        return images * input_scale if input_scale != 1.0 else images
+        return _scaled(tf.concat(parts, axis=0), input_scale)
 
     def apply(parts: list, params: ViewParams) -> tf.Tensor:
         if colour_or_blur:
@@ -415,7 +429,6 @@ def make_batch_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool =
         return tf.concat(tf.split(out, 2, axis=0), axis=-1) if pairs else out
 
     compiled = tf.function(apply, jit_compile=True, autograph=False) if jit else apply
-    colour_or_blur = (color and color_jitter_strength > 0) or use_blur
 
     def augment(images, seed: tf.Tensor) -> tf.Tensor:
         parts = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -439,15 +452,13 @@ def make_example_augmenter(*, color_jitter_strength: float = 1.0, use_blur: bool
     which XLA compiles to slower loops), and the stage-1 output is consumed while still in cache.
     """
     check_brightness_impl(brightness)
-    colour_or_blur = (color and color_jitter_strength > 0) or use_blur
+    colour_or_blur = _colour_or_blur(color, color_jitter_strength, use_blur)
 
     def apply(views: list, params: ViewParams) -> tf.Tensor:
-        x = tf.stack(views)
-        x = x * input_scale if input_scale != 1.0 else x
-        x = tf.where(tf.reshape(params.flip, [-1, 1, 1, 1]), tf.reverse(x, axis=[2]), x)
+        x = _scaled(tf.stack(views), input_scale)
         if not colour_or_blur:
-            return tf.concat(tf.unstack(_clip(x)), axis=-1)
-        x = tf.transpose(x, [0, 3, 1, 2])
+            return tf.concat(tf.unstack(flip_and_clip(x, params.flip)), axis=-1)
+        x = tf.transpose(_flip(x, params.flip), [0, 3, 1, 2])
         radius = blur_radius(int(x.shape[2]))
         out = [_augment_one(x[i], ViewParams(*[t[i] for t in params]), brightness, radius)
                for i in range(len(views))]
