@@ -20,3 +20,15 @@ class UsageError(ValueError):
     def __init__(self, where: str, message: str) -> None:
         self.where = where
         super().__init__(f"{where}: {message}")
+
+
+class ArgumentError(ValueError):
+    """A library argument out of range, named by its argument name (``image_size: must be >= 8``).
+
+    Raised by the settings sections; `config.py` turns it into a `UsageError` naming the `--flag`.
+    """
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        self.message = message
+        super().__init__(f"{argument}: {message}")
