@@ -26,7 +26,8 @@ import tensorflow as tf  # noqa: E402
 from simclr_tf import app as simclr_app  # noqa: E402
 from simclr_tf import config as config_lib  # noqa: E402
 from simclr_tf import knn, linear_eval  # noqa: E402
-from simclr_tf.train import Trainer, build_model  # noqa: E402
+from simclr_tf.models import build_model
+from simclr_tf.train import Trainer  # noqa: E402
 
 CALIBRATION_STEPS = 4
 
@@ -85,7 +86,7 @@ def main() -> None:
               flush=True)
         trainer = Trainer(config, strategy, source, log=lambda m: print(m, flush=True))
         # Hard cap at the budget: the same stop request SIGTERM makes (finish the chunk, save, return).
-        stopper = threading.Timer(budget, trainer._stop_requested.set)
+        stopper = threading.Timer(budget, trainer.request_stop)
         start = time.monotonic()
         stopper.start()
         try:
@@ -95,7 +96,7 @@ def main() -> None:
         train_seconds = time.monotonic() - start
         steps_done = int(trainer.global_step.numpy())
         pretrained = evaluate(trainer.model, source, strategy)
-        random_init = evaluate(build_model(config, source.num_classes, strategy), source, strategy)
+        random_init = evaluate(build_model(config.model, source.num_classes, strategy), source, strategy)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"pretrained: {pretrained}\nrandom init: {random_init}", flush=True)

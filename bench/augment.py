@@ -23,8 +23,10 @@ common.setup_path()
 
 import tensorflow as tf  # noqa: E402
 
-from simclr_tf.data import augment, pipeline  # noqa: E402
+from simclr_tf.data import pipeline  # noqa: E402
 from simclr_tf.data.sources import DataSource  # noqa: E402
+from simclr_tf.sections import AugmentConfig  # noqa: E402
+from tests.reference_augment import reference_view  # noqa: E402
 
 SOURCE_HEIGHT, SOURCE_WIDTH = 256, 320
 BATCH_FOR_SIZE = {32: 128, 64: 64, 96: 32, 128: 32, 160: 16, 224: 16}
@@ -53,8 +55,10 @@ def in_memory_source(images: tf.Tensor) -> DataSource:
 
 def reference_dataset(source: DataSource, batch: int, image_size: int) -> tf.data.Dataset:
     """The reference's structure: every op inside one per-image map."""
+    settings = AugmentConfig(image_size)
+
     def two_views(image: tf.Tensor, label: tf.Tensor) -> tuple:
-        views = [augment.reference_view(image, image_size) for _ in range(2)]
+        views = [reference_view(image, settings) for _ in range(2)]
         return tf.concat(views, axis=-1), label
 
     dataset = source.as_dataset("train").shuffle(pipeline.shuffle_buffer_size(batch, image_size)).repeat()
@@ -87,8 +91,8 @@ def main() -> None:
     rows = []
     for image_size in [int(s) for s in args.sizes.split(",")]:
         batch = BATCH_FOR_SIZE.get(image_size, 32)
-        ours = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=batch, image_size=image_size,
-                                       seed=0)(None)
+        ours = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=batch,
+                                       augment=AugmentConfig(image_size), seed=0)(None)
         reference = reference_dataset(source, batch, image_size)
         results: dict[str, list[tuple[float, float]]] = {"per-image": [], "batched": []}
         for _ in range(args.rounds):

@@ -31,6 +31,7 @@ import tensorflow as tf  # noqa: E402
 
 from simclr_tf import config as config_lib  # noqa: E402
 from simclr_tf.data import pipeline  # noqa: E402
+from simclr_tf.sections import AugmentConfig  # noqa: E402
 from simclr_tf.strategy import build_strategy  # noqa: E402
 
 NUM_CLASSES = 10
@@ -156,9 +157,8 @@ def main() -> None:
     model_dir = tempfile.mkdtemp(prefix="simclr_bench_tp_")
     config = make_config(args, model_dir)
     trainer = Trainer(config, strategy, source, log=lambda _: None)
-    loop = trainer._build_loop()
     input_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=args.batch,
-                                       image_size=args.image_size)
+                                       augment=AugmentConfig(args.image_size))
     full_iter = iter(strategy.distribute_datasets_from_function(input_fn))
     batch_images, batch_labels = next(iter(input_fn(tf.distribute.InputContext())))
     batch_images = tf.identity(batch_images)
@@ -167,9 +167,9 @@ def main() -> None:
 
     runners = {}
     if "full" in modes:
-        runners["full"] = lambda: float(loop(full_iter, steps)[0]["total_loss"])
+        runners["full"] = lambda: trainer.run_steps(full_iter, args.steps)["total_loss"]
     if "compute" in modes:
-        runners["compute"] = lambda: float(loop(compute_iter, steps)[0]["total_loss"])
+        runners["compute"] = lambda: trainer.run_steps(compute_iter, args.steps)["total_loss"]
     if "supervised" in modes:
         sup = supervised_loop(args, strategy)
         sup_iter = constant_input(strategy, batch_images[..., :3], batch_labels)

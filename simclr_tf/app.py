@@ -15,7 +15,9 @@ from simclr_tf.config import Config
 from simclr_tf.data.sources import DataSource, build_source
 from simclr_tf.errors import UsageError, first_line
 from simclr_tf.strategy import build_strategy, check_batch_divisible
-from simclr_tf.train import Trainer, build_model, write_flags_json
+from simclr_tf.models import build_model
+from simclr_tf.schedules import Schedule
+from simclr_tf.train import Trainer, write_flags_json
 
 # What a failing write raises: permissions, no space (ResourceExhausted), file too large (OutOfRange), a path
 # through a file (FailedPrecondition), a vanished directory (NotFound), remote stores (Unavailable).
@@ -68,15 +70,25 @@ def main(config: Config, log: Callable[[str], None] = print) -> Dict[str, float]
         # Non-chief workers of a multi-worker run do the same (collective) work but write apart.
         out_config = config if trainer.is_chief else config.replace(model_dir=trainer.manager.directory)
         if config.mode == "train_then_eval":
-            result = _evaluate_and_record(out_config, model, source, strategy, step, log)
-        _export(out_config, model, step, log)
+            result = evaluate_and_record(out_config, model, source, strategy, step, log)
+        export_run(out_config, model, step, log)
     else:
         result = follow_and_evaluate(config, source, strategy, log)
     return result
 
 
-def _evaluate_and_record(config: Config, model, source: DataSource, strategy, step: int,
-                         log: Callable[[str], None]) -> Dict[str, float]:
+def evaluate_and_record(config: Config, model, source: DataSource, strategy, step: int,
+                        log: Callable[[str], None]) -> Dict[str, float]:
+    """Top-1/top-5 of the supervised head and, with --knn_every_steps, kNN top-1; written to result.json.
+
+    Args:
+        config: the run (eval split, batch, kNN settings, model_dir).
+        model: the trained model.
+        source: the data.
+        strategy: where eval runs.
+        step: the training step the model is at (recorded with the result).
+        log: where the result line goes.
+    """
     result: Dict[str, float] = {}
     if config.train_mode == "pretrain" and not config.lineareval_while_pretraining:
         log("no supervised head (--lineareval_while_pretraining=false): skipping top-1/top-5 eval")
@@ -105,10 +117,8 @@ def follow_and_evaluate(config: Config, source: DataSource, strategy, log: Calla
     Reads only checkpoints named by the `checkpoint` state file, which TF updates after a checkpoint is
     completely written, so a checkpoint being written is never read.
     """
-    from simclr_tf.train import Schedule
-
-    final_step = Schedule.from_config(config, source.num_train).train_steps
-    model = build_model(config, source.num_classes, strategy)
+    final_step = Schedule.from_config(config.schedule, source.num_train).train_steps
+    model = build_model(config.model, source.num_classes, strategy, mixed_precision=config.mixed_precision)
     step_var = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(model=model, global_step=step_var)
     result: Dict[str, float] = {}
@@ -117,8 +127,8 @@ def follow_and_evaluate(config: Config, source: DataSource, strategy, log: Calla
         prefix = ckpt_lib.initialise_from_checkpoint(model, config.checkpoint, use_ema=config.use_ema)
         step = ckpt_lib.checkpoint_step(prefix) or 0
         log(f"evaluating {prefix}")
-        result = _evaluate_and_record(config, model, source, strategy, step, log)
-        _export(config, model, step, log)
+        result = evaluate_and_record(config, model, source, strategy, step, log)
+        export_run(config, model, step, log)
         return result
     for prefix in tf.train.checkpoints_iterator(config.model_dir, timeout=timeout):
         try:
@@ -126,18 +136,19 @@ def follow_and_evaluate(config: Config, source: DataSource, strategy, log: Calla
         except tf.errors.NotFoundError:  # removed by keep_checkpoint_max meanwhile: a newer one exists
             continue
         step = int(step_var.numpy())
-        result = _evaluate_and_record(config, model, source, strategy, step, log)
+        result = evaluate_and_record(config, model, source, strategy, step, log)
         if step >= final_step:
             # The trainer exports its last step itself; export here only what it has not.
             if not tf.io.gfile.exists(os.path.join(config.model_dir, "saved_model", str(step))):
-                _export(config, model, step, log)
+                export_run(config, model, step, log)
             break
     else:
         log(f"no new checkpoint in {config.model_dir} for {timeout:.0f} s; stopping")
     return result
 
 
-def _export(config: Config, model, step: int, log: Callable[[str], None]) -> Optional[str]:
+def export_run(config: Config, model, step: int, log: Callable[[str], None]) -> Optional[str]:
+    """Exports `model` at `step` as a SavedModel under model_dir/saved_model/<step>; returns its path."""
     from simclr_tf import export
 
     with _writing(f"cannot write the SavedModel of step {step} in {config.model_dir}",

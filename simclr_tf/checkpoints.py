@@ -14,14 +14,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf.errors import UsageError, first_line
+from simclr_tf.errors import NonFiniteLossError, UsageError, first_line
 
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix, or from a directory holding checkpoints (latest wins)."""
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
-        if latest:
+        if latest and tf.io.gfile.exists(latest + ".index"):
             return latest
         # A directory without a state file: the newest *.index in it.
         indexes = sorted(tf.io.gfile.glob(os.path.join(path, "*.index")), key=_step_of)
@@ -159,3 +159,74 @@ def _model_variable_shapes(prefix: str) -> dict:
     return found
 
 
+
+
+def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> Optional[str]:
+    """Restores the latest checkpoint of `manager` into `checkpoint`; its prefix, or None when there is none.
+
+    Raises UsageError naming --model_dir when that checkpoint was written by another architecture or cannot
+    be read; nothing is overwritten.
+    """
+    latest = manager.latest_checkpoint
+    if not latest:
+        return None
+    try:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        raise UsageError("--model_dir", f"{latest} was written by another architecture: "
+                         f"{describe_mismatch(checkpoint, latest, e)}; use a new "
+                         "--model_dir or the flags of that run (its flags.json)") from None
+    except (tf.errors.OpError, IndexError) as e:  # truncated files raise IndexError
+        raise UsageError("--model_dir", f"cannot read checkpoint {latest}: {first_line(e)}") from None
+    return latest
+
+
+def save_if_finite(manager: tf.train.CheckpointManager, step: int, variables: list) -> None:
+    """Saves checkpoint `step`, unless one of `variables` holds NaN/Inf or the directory cannot be written.
+
+    Raises NonFiniteLossError or UsageError (naming --model_dir); either way the last complete checkpoint is
+    untouched.
+    """
+    last = manager.latest_checkpoint or "none (no checkpoint was written yet)"
+    # A finite loss can still leave Inf behind (BN moving statistics, an overflowing update), and the loss
+    # check only sees it one step later: never let such weights become a checkpoint.
+    bad = first_non_finite(variables)
+    if bad is not None:
+        raise NonFiniteLossError(f"non-finite values in {bad} after step {step}; training stopped without "
+                                 f"saving. Last good checkpoint: {last}")
+    try:
+        manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+        raise UsageError("--model_dir", f"cannot write the checkpoint of step {step} to {manager.directory} "
+                         f"({first_line(e)}); the last complete checkpoint, {last}, is untouched") from None
+
+
+def first_non_finite(variables: list) -> Optional[str]:
+    """The path of the first floating-point variable holding NaN or Inf, or None."""
+    floats = [v for v in variables if tf.as_dtype(v.dtype).is_floating]
+    if not floats:
+        return None
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in floats]).numpy()
+    for v, ok in zip(floats, finite):
+        if not ok:
+            return getattr(v, "path", None) or v.name
+    return None
+
+
+def initialise(model, path: Optional[str], *, use_ema: bool = False, zero_init_logits_layer: bool = False) -> str:
+    """A fresh run's starting weights: from checkpoint `path` if given, else the random initialisation.
+
+    Args:
+        model: the SimCLRModel.
+        path: a simclr_tf run or checkpoint, an official TF1 checkpoint, or None.
+        use_ema: read the official checkpoint's moving-average weights.
+        zero_init_logits_layer: zero the supervised head afterwards.
+
+    Returns what was done, for the log.
+    """
+    what = "starting from random initialisation"
+    if path:
+        what = f"initialised model weights from {initialise_from_checkpoint(model, path, use_ema=use_ema)}"
+    if zero_init_logits_layer:
+        zero_supervised_head(model)
+    return what

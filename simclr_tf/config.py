@@ -12,15 +12,19 @@ Everything below this module takes explicit arguments (or this dataclass), never
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from absl import flags
 
-from simclr_tf.errors import UsageError
+from simclr_tf.errors import ArgumentError, UsageError
+from simclr_tf.sections import (AugmentConfig, ContrastConfig, DistillConfig, ModelConfig, OptimConfig,
+                                ScheduleConfig, section_from)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "tpu", "multi_worker")
 
@@ -200,53 +204,71 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
-    def model_kwargs(self, num_classes: int) -> dict:
-        """Arguments of `SimCLRModel` for this run."""
-        return dict(
-            resnet_depth=self.resnet_depth, width_multiplier=self.width_multiplier, sk_ratio=self.sk_ratio,
-            se_ratio=self.se_ratio, image_size=self.image_size, proj_head_mode=self.proj_head_mode,
-            proj_out_dim=self.proj_out_dim, num_proj_layers=self.num_proj_layers,
-            ft_proj_selector=self.ft_proj_selector, num_classes=num_classes,
-            batch_norm_decay=self.batch_norm_decay, global_bn=self.global_bn,
-            fine_tune_after_block=self.fine_tune_after_block,
-            linear_eval_stop_gradient=self.train_mode == "pretrain")
+    # The sections below are what the code takes; each is built once, on first use, from the flat fields.
+    @functools.cached_property
+    def augment(self) -> AugmentConfig:
+        return section_from(AugmentConfig, self)
+
+    @functools.cached_property
+    def model(self) -> ModelConfig:
+        # Online linear eval reads stop_gradient(h) while pretraining; fine-tuning trains through the head.
+        return section_from(ModelConfig, self, linear_eval_stop_gradient=self.train_mode == "pretrain")
+
+    @functools.cached_property
+    def optim(self) -> OptimConfig:
+        return section_from(OptimConfig, self)
+
+    @functools.cached_property
+    def schedule(self) -> ScheduleConfig:
+        return section_from(ScheduleConfig, self)
+
+    @functools.cached_property
+    def contrast(self) -> ContrastConfig:
+        return section_from(ContrastConfig, self)
+
+    @functools.cached_property
+    def distill(self) -> DistillConfig:
+        return section_from(DistillConfig, self)
 
 
-VALID_DEPTHS = (18, 34, 50, 101, 152, 200)
+@contextlib.contextmanager
+def flag_errors() -> Iterator[None]:
+    """Turns a section's `ArgumentError` (naming a field) into the `UsageError` naming its `--flag`.
+
+    Section fields are named like their flags; this is the one place that relies on it.
+    """
+    try:
+        yield
+    except ArgumentError as e:
+        raise UsageError(f"--{e.argument}", e.message) from None
+
+
+def section(cls: type, **values: Any) -> Any:
+    """Section `cls` from values given as command-line flags of the same names (e.g. preview's CLI).
+
+    Args:
+        cls: a section of simclr_tf.sections, e.g. AugmentConfig.
+        **values: its fields.
+
+    Raises:
+        UsageError: naming the `--flag` of the first bad value.
+    """
+    with flag_errors():
+        return cls(**values)
 
 
 def validate(config: Config) -> Config:
     """Checks that need no data and no devices; raises UsageError naming the flag."""
     c = config
-    if c.image_size < 8:
-        raise UsageError("--image_size", f"must be >= 8, got {c.image_size}")
-    if c.resnet_depth not in VALID_DEPTHS:
-        raise UsageError("--resnet_depth", f"must be one of {VALID_DEPTHS}, got {c.resnet_depth}")
-    if c.width_multiplier <= 0:
-        raise UsageError("--width_multiplier", f"must be > 0, got {c.width_multiplier}")
-    if c.sk_ratio < 0 or c.se_ratio < 0:
-        raise UsageError("--sk_ratio" if c.sk_ratio < 0 else "--se_ratio", "must be >= 0")
-    if c.sk_ratio > 0 and c.resnet_depth < 50:
-        raise UsageError("--sk_ratio", "selective kernels need a bottleneck ResNet (--resnet_depth >= 50)")
-    if c.train_batch_size <= 0:
-        raise UsageError("--train_batch_size", f"must be > 0, got {c.train_batch_size}")
+    with flag_errors():  # building a section runs its own checks
+        for name in ("augment", "model", "schedule", "optim", "contrast") + (
+                ("distill",) if c.train_mode == "distill" else ()):
+            getattr(c, name)
     if c.eval_batch_size <= 0:
         raise UsageError("--eval_batch_size", f"must be > 0, got {c.eval_batch_size}")
-    if c.train_steps < 0 or c.train_epochs < 0:
-        raise UsageError("--train_steps" if c.train_steps < 0 else "--train_epochs", "must be >= 0")
-    if c.temperature <= 0:
-        raise UsageError("--temperature", f"must be > 0, got {c.temperature}")
-    if not -1 <= c.fine_tune_after_block <= 4:
-        raise UsageError("--fine_tune_after_block", f"must be in -1..4, got {c.fine_tune_after_block}")
     if c.train_mode == "pretrain" and c.fine_tune_after_block != -1:
         raise UsageError("--fine_tune_after_block", "only applies to --train_mode=finetune/distill; "
                          "pretraining trains the whole encoder (leave it at -1)")
-    if c.proj_head_mode == "nonlinear" and c.num_proj_layers < 1:
-        raise UsageError("--num_proj_layers", f"must be >= 1 with a nonlinear head, got {c.num_proj_layers}")
-    max_selector = {"none": 0, "linear": 1, "nonlinear": c.num_proj_layers}[c.proj_head_mode]
-    if not -1 <= c.ft_proj_selector <= max_selector:
-        raise UsageError("--ft_proj_selector", f"must be in -1..{max_selector} for --proj_head_mode="
-                         f"{c.proj_head_mode}, got {c.ft_proj_selector}")
     if c.num_cpu_replicas < 1:
         raise UsageError("--num_cpu_replicas", f"must be >= 1, got {c.num_cpu_replicas}")
     if c.keep_checkpoint_max < 1:
@@ -260,10 +282,6 @@ def validate(config: Config) -> Config:
             raise UsageError("--teacher_checkpoint", "is required with --train_mode=distill")
         if not checkpoint_exists(c.teacher_checkpoint):
             raise UsageError("--teacher_checkpoint", f"no checkpoint or SavedModel at {c.teacher_checkpoint}")
-        if not 0.0 <= c.distill_alpha <= 1.0:
-            raise UsageError("--distill_alpha", f"must be in [0, 1], got {c.distill_alpha}")
-        if c.distill_temperature <= 0:
-            raise UsageError("--distill_temperature", f"must be > 0, got {c.distill_temperature}")
     if c.knn_every_steps < 0 or c.knn_k < 1:
         raise UsageError("--knn_every_steps" if c.knn_every_steps < 0 else "--knn_k", "must be positive")
     return c

@@ -25,7 +25,8 @@ def run_demo(config: config_lib.Config) -> dict:
 
     from simclr_tf import app as simclr_app
     from simclr_tf import linear_eval
-    from simclr_tf.train import Trainer, build_model
+    from simclr_tf.models import build_model
+    from simclr_tf.train import Trainer
 
     simclr_app.configure_logging()
     if config.seed is not None:
@@ -38,14 +39,14 @@ def run_demo(config: config_lib.Config) -> dict:
     trainer = Trainer(config, strategy, source)
     trainer.train()
     step = int(trainer.global_step.numpy())
-    online = simclr_app._evaluate_and_record(config, trainer.model, source, strategy, step, print)
-    simclr_app._export(config, trainer.model, step, print)
+    online = simclr_app.evaluate_and_record(config, trainer.model, source, strategy, step, print)
+    simclr_app.export_run(config, trainer.model, step, print)
     train_minutes = (time.monotonic() - start) / 60
 
     print("[demo] linear eval on frozen features (cached h, softmax classifier)", flush=True)
     pretrained = linear_eval.linear_eval(trainer.model, source, image_size=config.image_size,
                                          batch_size=config.eval_batch_size, seed=config.seed or 0)
-    random_init = build_model(config, source.num_classes, strategy)
+    random_init = build_model(config.model, source.num_classes, strategy, mixed_precision=config.mixed_precision)
     baseline = linear_eval.linear_eval(random_init, source, image_size=config.image_size,
                                        batch_size=config.eval_batch_size, seed=config.seed or 0)
     print()

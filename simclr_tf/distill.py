@@ -1,4 +1,4 @@
-"""SimCLRv2 distillation (DESIGN.md section 8): the frozen teacher of `--train_mode=distill`.
+"""SimCLRv2 distillation (docs/design.md §9): the frozen teacher of `--train_mode=distill`.
 
 The trainer calls the teacher on the student's own batch, so both see the same crop + flip view, and minimises
 
@@ -7,9 +7,9 @@ The trainer calls the teacher on the student's own batch, so both see the same c
 
 with `alpha = --distill_alpha` (0: pure distillation, no label is read; > 0 mixes in the cross-entropy of the
 examples that have a label, label >= 0) and `tau = --distill_temperature`. The distillation term is not
-multiplied by tau**2 (Hinton et al.'s factor that keeps gradient sizes independent of tau), as in DESIGN.md;
-with tau != 1 raise the learning rate instead. DESIGN.md writes the two weights the other way round; the
-flag follows the issue: alpha is the weight of the labels.
+multiplied by tau**2 (Hinton et al.'s factor that keeps gradient sizes independent of tau), as in docs/design.md §9;
+with tau != 1 raise the learning rate instead. docs/design.md §9 gives the same weights; the
+`--distill_alpha` flag is alpha, the weight of the labels.
 
 `--teacher_checkpoint` is one of:
 

@@ -32,3 +32,7 @@ class ArgumentError(ValueError):
         self.argument = argument
         self.message = message
         super().__init__(f"{argument}: {message}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/Inf; nothing from that step on was saved."""

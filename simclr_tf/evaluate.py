@@ -11,6 +11,7 @@ from simclr_tf.data import pipeline
 from simclr_tf.files import write_text_atomically
 from simclr_tf.data.sources import DataSource
 from simclr_tf.features import call_inference
+from simclr_tf.sections import AugmentConfig
 
 
 def evaluate(model, source: DataSource, strategy: tf.distribute.Strategy, *, image_size: int,
@@ -19,8 +20,9 @@ def evaluate(model, source: DataSource, strategy: tf.distribute.Strategy, *, ima
 
     The eval pipeline keeps the last partial batch, so the count equals the split's size.
     """
+    # The eval view is a centre crop: of the augmentation settings only the size applies.
     input_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=eval_batch_size,
-                                       image_size=image_size)
+                                       augment=AugmentConfig(image_size))
     dataset = strategy.distribute_datasets_from_function(input_fn)
 
     def replica_step(images, labels):

@@ -36,6 +36,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf.data import augment
+from simclr_tf.image_formats import IMAGE_MAGIC
 from simclr_tf.models import SimCLRModel
 
 ENDPOINTS = ("initial_conv", "initial_max_pool", "block_group1", "block_group2", "block_group3", "block_group4")
@@ -44,8 +45,6 @@ KERAS_FILENAME = "encoder.keras"
 # Verification tolerance between the reloaded SavedModel and the in-memory Keras model (float32 CPU/GPU
 # kernels may differ in summation order between the eager and the saved graph).
 VERIFY_ATOL = 1e-4
-# Leading bytes of the image formats tf.io.decode_image understands.
-_MAGIC = ((b"\xff\xd8\xff", 3), (b"\x89PNG", 4), (b"GIF8", 4), (b"BM", 2))
 
 
 def export_copy(model: SimCLRModel) -> SimCLRModel:
@@ -86,8 +85,8 @@ def _outputs(model: SimCLRModel, images: tf.Tensor, training: bool) -> Dict[str,
 def _assert_image_bytes(data: tf.Tensor) -> tf.Operation:
     """Fails with a readable message (and the bad indices) unless every element looks like an image file."""
     known = tf.zeros_like(data, dtype=tf.bool)
-    for magic, length in _MAGIC:
-        known = tf.logical_or(known, tf.equal(tf.strings.substr(data, 0, length), magic))
+    for magic in IMAGE_MAGIC:
+        known = tf.logical_or(known, tf.equal(tf.strings.substr(data, 0, len(magic)), magic))
     bad = tf.where(tf.logical_not(known))[:, 0]
     return tf.debugging.Assert(
         tf.equal(tf.size(bad), 0),

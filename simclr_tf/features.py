@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from simclr_tf.data import pipeline
 from simclr_tf.data.sources import DataSource
+from simclr_tf.sections import AugmentConfig
 
 FEATURE_KEY = "h"
 
@@ -32,7 +33,9 @@ def eval_input_fn(source: DataSource, split_kind: str, *, image_size: int, batch
         raise ValueError(f"split_kind must be 'train' or 'eval', got {split_kind!r}")
     if split_kind == "train":
         source = train_split_as_eval(source)
-    return pipeline.build_input_fn(source, mode="eval", global_batch_size=batch_size, image_size=image_size)
+    # The eval view is a centre crop: of the augmentation settings only the size applies.
+    return pipeline.build_input_fn(source, mode="eval", global_batch_size=batch_size,
+                                   augment=AugmentConfig(image_size))
 
 
 def call_inference(model, images: tf.Tensor) -> dict:

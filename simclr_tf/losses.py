@@ -1,10 +1,10 @@
 """Contrastive (NT-Xent) and distillation losses, always computed in float32.
 
-NT-Xent follows DESIGN.md section 4. Under tf.distribute the negatives come from the whole global batch:
+NT-Xent follows docs/design.md §4. Under tf.distribute the negatives come from the whole global batch:
 both halves of the local projections are gathered from every replica with `ReplicaContext.all_gather`,
 whose gradient all-reduces the upstream gradient and hands each replica the slice of its own rows. The
 per-replica loss is the mean over *local* rows, so the caller must divide it by `num_replicas_in_sync`
-(see `scale_loss_for_replicas`) before taking gradients: the optimizer then sums the replica gradients,
+(as `Trainer.gradients_fn` does) before taking gradients: the optimizer then sums the replica gradients,
 which gives the gradient of the global mean, i.e. an R-replica step equals a one-device step on the same
 global batch.
 """
@@ -93,17 +93,6 @@ def nt_xent(z: tf.Tensor, *, temperature: float, hidden_norm: bool = True) -> NT
     return NTXentOutput(loss, logits_ab, labels, contrast_acc, contrast_entropy)
 
 
-def scale_loss_for_replicas(loss: tf.Tensor) -> tf.Tensor:
-    """Divides a per-replica loss by the number of replicas in sync (1 outside a replica context).
-
-    Apply this to every per-replica mean loss before `tape.gradient`: the optimizer sums gradients over
-    replicas, so the summed gradient is that of the global-batch mean.
-    """
-    context = tf.distribute.get_replica_context()
-    replicas = 1 if context is None else context.num_replicas_in_sync
-    return loss / tf.cast(replicas, loss.dtype)
-
-
 def distillation_loss(
     teacher_logits: tf.Tensor,
     student_logits: tf.Tensor,
@@ -114,10 +103,10 @@ def distillation_loss(
 ) -> tf.Tensor:
     """SimCLRv2 distillation loss -sum_y softmax(t/tau)_y log softmax(s/tau)_y, in float32.
 
-    The teacher is treated as a constant (stop_gradient). DESIGN.md section 8 specifies the plain loss, so
+    The teacher is treated as a constant (stop_gradient). docs/design.md §9 specifies the plain loss, so
     the tau**2 factor of Hinton et al. (which keeps gradient magnitudes independent of tau) is off unless
     `scale_by_temperature_squared`. `reduction` is 'mean' (scalar over the local batch; scale it with
-    `scale_loss_for_replicas` like NT-Xent) or 'none' (per-example [N]).
+    the number of replicas like NT-Xent) or 'none' (per-example [N]).
     """
     if temperature <= 0:
         raise UsageError("--temperature", f"must be > 0, got {temperature}")

@@ -25,7 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf.errors import UsageError
+from simclr_tf.checkpoints import resolve_checkpoint
+from simclr_tf.errors import UsageError, first_line
 from simclr_tf.models.resnet import BLOCKS_PER_DEPTH, GROUP_BASE_FILTERS, SK_MIN_DIM, scaled
 from simclr_tf.models.simclr import SimCLRModel
 
@@ -82,42 +83,15 @@ def official_variable_map(model: SimCLRModel) -> dict[str, Any]:
     return names
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """The checkpoint prefix for a `model.ckpt-N` prefix or a directory holding one (latest wins)."""
-    path = os.fspath(path)
-    if tf.io.gfile.exists(path + ".index"):
-        return path
-    if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest and tf.io.gfile.exists(latest + ".index"):
-            return latest
-        indexes = tf.io.gfile.glob(os.path.join(path, "*.index"))
-        if indexes:
-            def step(index: str) -> int:
-                match = re.search(r"-(\d+)\.index$", index)
-                return int(match.group(1)) if match else -1
-            return max(indexes, key=step)[: -len(".index")]
-    raise UsageError(WHERE, f"{path}: no checkpoint (expected a model.ckpt-N prefix or a directory holding one)")
-
-
 def _read_shapes(prefix: str) -> dict[str, list[int]]:
     try:
         return {name: list(shape) for name, shape in tf.train.list_variables(prefix)}
     except (tf.errors.OpError, ValueError) as error:
-        raise UsageError(WHERE, f"{prefix}: unreadable checkpoint ({str(error).splitlines()[0]})") from None
+        raise UsageError(WHERE, f"{prefix}: unreadable checkpoint ({first_line(error)})") from None
 
 
 def _is_skipped(name: str) -> bool:
     return name in _NON_MODEL or name.endswith(_SLOT_SUFFIXES)
-
-
-def is_official_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a checkpoint written by the official TF1 SimCLR code (prefix or directory)."""
-    try:
-        shapes = _read_shapes(resolve_checkpoint(path))
-    except (UsageError, tf.errors.OpError):  # e.g. an unreachable gs:// path
-        return False
-    return f"{BACKBONE}conv2d/kernel" in shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +239,7 @@ def _infer(shapes: dict[str, list[int]], source: str) -> ArchitectureSpec:
 
 def inspect_checkpoint(path: str | os.PathLike) -> ArchitectureSpec:
     """Infer the architecture of an official checkpoint from its variable names and shapes."""
-    prefix = resolve_checkpoint(path)
+    prefix = resolve_checkpoint(os.fspath(path))
     return _infer(_read_shapes(prefix), prefix)
 
 
@@ -287,7 +261,7 @@ def load_official_checkpoint(model: SimCLRModel, path: str | os.PathLike, *, use
     different class count). `allow_missing_projection_head` accepts checkpoints without `head_contrastive/`
     (released SimCLRv1) and keeps the model's projection head as initialised.
     """
-    prefix = resolve_checkpoint(path)
+    prefix = resolve_checkpoint(os.fspath(path))
     shapes = _read_shapes(prefix)
     expected = official_variable_map(model)
     has_head = any(n.startswith(PROJECTION) for n in shapes)

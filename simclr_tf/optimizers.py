@@ -1,6 +1,6 @@
 """LARS (Keras 3), the optimizer factory, and the weight-decay term added to the loss.
 
-DESIGN.md section 5. Weight decay lives in two places, as in the reference:
+docs/design.md §6. Weight decay lives in two places, as in the reference:
 * LARS applies it inside the update (g <- g + wd * w) for every variable not excluded; the excluded ones
   (BN parameters, biases, the supervised head) get neither decay nor the trust ratio. The supervised head's
   kernel is then decayed through the loss instead: `weight_decay_loss` returns wd * sum(l2_loss(kernel)).
@@ -17,6 +17,8 @@ import keras
 import tensorflow as tf
 
 from simclr_tf.errors import UsageError
+from simclr_tf.models import weight_decay_exempt_variables
+from simclr_tf.sections import OptimConfig
 
 OPTIMIZERS = ("lars", "momentum", "adam")
 
@@ -137,6 +139,34 @@ def build_optimizer(
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
     raise UsageError("--optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def optimizer_for(model: Any, optim: OptimConfig,
+                  learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, *,
+                  loss_scaling: bool = False) -> keras.optimizers.Optimizer:
+    """The optimizer of a run over `model`, its slots created. Call inside the strategy scope.
+
+    Args:
+        model: the SimCLRModel; LARS leaves its BN parameters, biases and supervised head out of decay and
+            trust ratio (chosen by object, see models.weight_decay_exempt_variables).
+        optim: which optimizer, its momentum and weight decay.
+        learning_rate: a float or a schedule of the optimizer's iterations.
+        loss_scaling: wrap in a LossScaleOptimizer (float16 compute).
+    """
+    optimizer = build_optimizer(optim.optimizer, learning_rate=learning_rate, momentum=optim.momentum,
+                                weight_decay=optim.weight_decay,
+                                exclude_from_weight_decay=weight_decay_exempt_variables(model))
+    if loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    # Slots exist now, so a restore fills them instead of deferring.
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The learning rate `optimizer` applies at its current iteration."""
+    lr = optimizer.learning_rate
+    return float(lr(optimizer.iterations)) if callable(lr) else float(lr)
 
 
 def l2_regularization(

@@ -19,8 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from simclr_tf.errors import UsageError
-
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+from simclr_tf.image_formats import looks_like_image
 
 
 def resolve_saved_model(path: str) -> str:
@@ -64,7 +63,7 @@ def predict_images(loaded, paths: Sequence[str], *, top_k: int = 5, batch_size: 
                 data = f.read()
         except (tf.errors.OpError, OSError) as e:
             raise UsageError(path, f"cannot read image file: {e}") from None
-        if not data.startswith(_IMAGE_MAGIC):
+        if not looks_like_image(data):
             raise UsageError(path, "not a JPEG, PNG, GIF or BMP file")
         blobs.append(data)
     serve = loaded.signatures["serving_default"]

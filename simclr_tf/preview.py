@@ -17,16 +17,18 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from simclr_tf import config as config_lib
 from simclr_tf.data import pipeline
 from simclr_tf.data.sources import DataSource, build_source
 from simclr_tf.errors import UsageError
+from simclr_tf.sections import AugmentConfig
 
 _GAP = 2  # pixels of white between tiles
 
 
-def _originals_and_views(source: DataSource, split: str, *, image_size: int, num_images: int,
-                         color_jitter_strength: float, use_blur: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`num_images` source images resized to `image_size` and their 6-channel view pairs, from the same
+def _originals_and_views(source: DataSource, split: str, *, augment: AugmentConfig, num_images: int,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`num_images` source images resized to the view size and their 6-channel view pairs, from the same
     elements: the pipeline is run on a source restricted to those images, without shuffling them away."""
     originals = [image for image, _ in source.as_dataset(split).take(num_images)]
     if not originals:
@@ -39,14 +41,14 @@ def _originals_and_views(source: DataSource, split: str, *, image_size: int, num
     subset = DataSource(name=source.name, train_split=split, eval_split=split, num_train=len(originals),
                         num_eval=len(originals), num_classes=source.num_classes, eval_has_labels=True,
                         make_dataset=make_dataset)
-    input_fn = pipeline.build_input_fn(subset, mode="pretrain", global_batch_size=len(originals),
-                                       image_size=image_size, color_jitter_strength=color_jitter_strength,
-                                       use_blur=use_blur, seed=seed)
+    input_fn = pipeline.build_input_fn(subset, mode="pretrain", global_batch_size=len(originals), augment=augment,
+                                       seed=seed)
     views, order = next(iter(input_fn(None)))
     # The pipeline shuffles; put the views back in source order.
     views = tf.gather(views, tf.argsort(order)).numpy()
-    resized = np.stack([tf.clip_by_value(tf.image.resize(tf.image.convert_image_dtype(o, tf.float32),
-                                                         [image_size, image_size], method="bicubic"), 0.0, 1.0)
+    size = [augment.image_size, augment.image_size]
+    resized = np.stack([tf.clip_by_value(tf.image.resize(tf.image.convert_image_dtype(o, tf.float32), size,
+                                                         method="bicubic"), 0.0, 1.0)
                         for o in originals])
     return resized, views
 
@@ -64,16 +66,24 @@ def grid_image(originals: np.ndarray, views: np.ndarray) -> np.ndarray:
     return np.round(grid * 255.0).astype(np.uint8)
 
 
-def write_preview(dataset: str, out: str, *, data_dir: Optional[str] = None, split: str = "train",
-                  image_size: int = 32, num_images: int = 8, seed: int = 0, color_jitter_strength: float = 1.0,
-                  use_blur: bool = True) -> np.ndarray:
-    """Writes the PNG grid to `out` and returns it."""
+def write_preview(dataset: str, out: str, *, augment: AugmentConfig = AugmentConfig(image_size=32),
+                  data_dir: Optional[str] = None, split: str = "train", num_images: int = 8,
+                  seed: int = 0) -> np.ndarray:
+    """Writes the PNG grid to `out` and returns it.
+
+    Args:
+        dataset: `--dataset` (a TFDS name, folder:PATH, npz:PATH or an embedded dataset).
+        out: the PNG file to write; its folder must exist.
+        augment: the pretraining views' size and augmentation settings.
+        data_dir: TFDS data folder.
+        split: the split to draw images from.
+        num_images: rows of the grid.
+        seed: seed of the views.
+    """
     if num_images <= 0:
         raise UsageError("--num_images", f"must be positive, got {num_images}")
     source = build_source(dataset, data_dir, split, split)
-    originals, views = _originals_and_views(source, "train", image_size=image_size, num_images=num_images,
-                                            color_jitter_strength=color_jitter_strength, use_blur=use_blur,
-                                            seed=seed)
+    originals, views = _originals_and_views(source, "train", augment=augment, num_images=num_images, seed=seed)
     grid = grid_image(originals, views)
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
@@ -95,9 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--use_blur", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     try:
-        write_preview(args.dataset, args.out, data_dir=args.data_dir, split=args.split,
-                      image_size=args.image_size, num_images=args.num_images, seed=args.seed,
-                      color_jitter_strength=args.color_jitter_strength, use_blur=args.use_blur)
+        augment = config_lib.section(AugmentConfig, image_size=args.image_size, use_blur=args.use_blur,
+                                     color_jitter_strength=args.color_jitter_strength)
+        write_preview(args.dataset, args.out, augment=augment, data_dir=args.data_dir, split=args.split,
+                      num_images=args.num_images, seed=args.seed)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

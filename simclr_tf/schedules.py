@@ -1,10 +1,11 @@
-"""Learning-rate scaling, warmup + cosine schedule and step counts (DESIGN.md section 5).
+"""Learning-rate scaling, warmup + cosine schedule and step counts (docs/design.md §6.5, §7.1).
 
 The step formulas are the reference's, integer quirks included (`N * epochs // B + 1` training steps, warmup
 from a float floor-division), so that flag files written for the official code give the same schedule.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf.errors import UsageError
+from simclr_tf.sections import ScheduleConfig
 
 SCALINGS = ("linear", "sqrt")
 
@@ -67,6 +69,43 @@ def checkpoint_steps(checkpoint_steps: int, checkpoint_epochs: float, num_exampl
         return int(checkpoint_steps)
     _positive("--checkpoint_epochs", checkpoint_epochs)
     return max(1, int(checkpoint_epochs * epoch_steps(num_examples, batch_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Step counts of a run, derived once from its ScheduleConfig and the dataset size."""
+
+    train_steps: int
+    warmup_steps: int
+    checkpoint_steps: int
+    steps_per_loop: int
+    learning_rate: float  # after batch scaling
+
+    @classmethod
+    def from_config(cls, schedule: ScheduleConfig, num_train: int) -> "Schedule":
+        """The step counts of `schedule` over `num_train` training examples."""
+        batch = schedule.train_batch_size
+        total = num_train_steps(schedule.train_steps, num_train, schedule.train_epochs, batch)
+        every = min(checkpoint_steps(schedule.checkpoint_steps, schedule.checkpoint_epochs, num_train, batch),
+                    total)
+        per_loop = schedule.steps_per_loop or min(every, 100)
+        return cls(train_steps=total, warmup_steps=warmup_steps(schedule.warmup_epochs, num_train, batch),
+                   checkpoint_steps=every, steps_per_loop=max(1, per_loop),
+                   learning_rate=scaled_learning_rate(schedule.learning_rate, batch,
+                                                      schedule.learning_rate_scaling))
+
+    def is_time(self, step: int, every: int, *, at_end: bool = True) -> bool:
+        """The loop's one "is it time" predicate: `step` ends a period of `every` steps (0: never) or, with
+        `at_end`, the run."""
+        return every > 0 and (step % every == 0 or (at_end and step >= self.train_steps))
+
+    def steps_until_event(self, step: int, *periods: int) -> int:
+        """Steps from `step` to the next multiple of any period (0: off) or the end, at most steps_per_loop."""
+        n = min(self.steps_per_loop, self.train_steps - step)
+        for every in periods:
+            if every > 0:
+                n = min(n, every - step % every)
+        return n
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")

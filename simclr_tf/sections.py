@@ -107,26 +107,20 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and the base learning rate before batch scaling.
+    """The optimizer; its learning rate comes from the schedule (see ScheduleConfig).
 
     Args:
         optimizer: "lars", "momentum" or "adam".
-        learning_rate: per 256 examples ("linear") or the sqrt rule's constant ("sqrt").
-        learning_rate_scaling: "linear" or "sqrt".
         momentum: momentum of LARS / SGD.
         weight_decay: L2 coefficient (decoupled in LARS, a loss term otherwise).
     """
 
     optimizer: str = "lars"
-    learning_rate: float = 0.3
-    learning_rate_scaling: str = "linear"
     momentum: float = 0.9
     weight_decay: float = 1e-6
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        _check(self.learning_rate_scaling in LR_SCALINGS, "learning_rate_scaling",
-               f"must be one of {LR_SCALINGS}, got {self.learning_rate_scaling!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +135,7 @@ class ScheduleConfig:
         checkpoint_steps: steps between checkpoints (0: from checkpoint_epochs).
         checkpoint_epochs: epochs between checkpoints when checkpoint_steps is 0.
         steps_per_loop: steps per host round trip (0: up to a checkpoint, at most 100).
-        learning_rate: the base rate, scaled by the batch (see OptimConfig).
+        learning_rate: the base rate: per 256 examples ("linear") or the sqrt rule's constant ("sqrt").
         learning_rate_scaling: "linear" or "sqrt".
     """
 
@@ -159,6 +153,8 @@ class ScheduleConfig:
         _check(self.train_batch_size > 0, "train_batch_size", f"must be > 0, got {self.train_batch_size}")
         _check(self.train_steps >= 0, "train_steps", "must be >= 0")
         _check(self.train_epochs >= 0, "train_epochs", "must be >= 0")
+        _check(self.learning_rate_scaling in LR_SCALINGS, "learning_rate_scaling",
+               f"must be one of {LR_SCALINGS}, got {self.learning_rate_scaling!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,3 +109,14 @@ def check_batch_divisible(global_batch: int, strategy: tf.distribute.Strategy, f
     replicas = strategy.num_replicas_in_sync
     if global_batch % replicas:
         raise UsageError(flag, f"global batch {global_batch} is not divisible by the {replicas} replicas")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True unless this process is a non-chief worker of a multi-worker strategy."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief

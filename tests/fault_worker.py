@@ -1,4 +1,4 @@
-"""Process helpers of the fault-injection suite (tests/test_faults.py). Two modes:
+"""Process helpers of the fault-injection suite (tests/test_faults_*.py, driven by tests/fault_harness.py). Two modes:
 
 `python tests/fault_worker.py serve` -- a pre-forking launcher. Importing TensorFlow costs seconds per
 process and the kill -9 trials need a fresh process each time, so this imports `run.py` (and with it

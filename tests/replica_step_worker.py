@@ -76,15 +76,9 @@ def main() -> None:
     # Computing gradients in training mode moved the BN statistics: put everything back before the real step.
     for w, value in zip(weights, init_values):
         w.assign(value)
-    step = trainer._step_fn()
-
-    @tf.function
-    def train_step(batch_):
-        metrics = strategy.run(step, args=batch_)
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, metrics["total_loss"], axis=None)
-
-    step_loss = train_step(distributed)
-    result = {"loss": loss.numpy(), "step_loss": step_loss.numpy()}
+    # The real training step (the same compiled loop as training), on the same global batch.
+    step_loss = trainer.run_steps([(images, labels)])["total_loss"]
+    result = {"loss": loss.numpy(), "step_loss": step_loss}
     result.update({f"g{i}": g.numpy() for i, g in enumerate(grads)})
     result.update({f"w{i}": w.numpy() for i, w in enumerate(weights)})
     result.update({f"slot{i}": v.numpy() for i, v in enumerate(trainer.optimizer.variables)

@@ -1,15 +1,19 @@
-"""Augmentations (DESIGN.md section 2): parameters, distributions and pixels, on generated images.
+"""Augmentations (docs/design.md §2): parameters, distributions and pixels, on generated images.
 
 Oracles: TF's own `sample_distorted_bounding_box` (crop distribution), the per-image `tf.image` ops of the
-reference (`reference_apply_one`, stage 2 pixels), NumPy (blur, centre crop), the formulas of DESIGN.md
-(parameter ranges and rates), and the literal per-image `reference_view` (distribution of whole views).
+reference (`reference_apply_one`, stage 2 pixels), NumPy (blur, centre crop), the formulas of docs/design.md §2
+(parameter ranges and rates), and the literal per-image `reference_view` (distribution of whole views); the
+per-image reference is in tests/reference_augment.py.
 """
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from simclr_tf.data import augment as A
+from simclr_tf.data import ops
 from simclr_tf.errors import UsageError
+from simclr_tf.sections import AugmentConfig
+from tests import reference_augment as R
 
 N_DRAWS = 4000
 
@@ -45,7 +49,7 @@ def _smooth_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray
 @tf.function
 def _our_windows(shape: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
     def one(seed):
-        begin, size = A.crop_window(shape, seed)
+        begin, size = ops.crop_window(shape, seed)
         return tf.concat([begin[:2], size[:2]], 0)
     return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
 
@@ -95,8 +99,8 @@ def test_crop_windows_follow_sample_distorted_bounding_box():
 def test_random_crop_resize_is_window_then_bicubic():
     image = _smooth_images(1, 50, 70)[0]
     seed = tf.constant([3, 4], tf.int64)
-    view = A.random_crop_resize(tf.constant(image), 24, seed).numpy()
-    begin, size = A.crop_window(tf.constant([50, 70, 3]), seed)
+    view = ops.random_crop_resize(tf.constant(image), 24, seed).numpy()
+    begin, size = ops.crop_window(tf.constant([50, 70, 3]), seed)
     y, x, h, w = int(begin[0]), int(begin[1]), int(size[0]), int(size[1])
     crop = image[y:y + h, x:x + w].astype(np.float32) / 255.0
     expected = tf.image.resize(crop[None], [24, 24], method="bicubic")[0].numpy()
@@ -108,7 +112,7 @@ def test_random_crop_resize_is_window_then_bicubic():
 
 def test_center_crop_window_formula():
     for height, width in [(50, 70), (36, 36), (37, 100), (256, 320), (9, 7)]:
-        off_y, off_x, side = [int(v) for v in A.center_crop_window(tf.constant(height), tf.constant(width))]
+        off_y, off_x, side = [int(v) for v in ops.center_crop_window(tf.constant(height), tf.constant(width))]
         expected_side = int(np.rint(0.875 * min(height, width)))  # round half to even, as tf.math.rint
         assert side == expected_side
         assert (off_y, off_x) == ((height - side + 1) // 2, (width - side + 1) // 2)
@@ -191,7 +195,7 @@ def test_apply_with_params_matches_per_image_tf_image_ops(brightness):
     assert out.shape == images.shape and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     for i in range(n):
-        expected = A.reference_apply_one(images[i], params, i, brightness=brightness).numpy()
+        expected = R.reference_apply_one(images[i], params, i, brightness=brightness).numpy()
         np.testing.assert_allclose(out[i], expected, atol=2e-5, err_msg=f"image {i}")
     # Grayscale views have R = G = B exactly (blur treats the channels identically).
     gray = params.grayscale.numpy()
@@ -211,18 +215,18 @@ def test_gaussian_blur_against_numpy():
     padded = np.pad(image, [(0, 0), (radius, radius), (radius, radius)])
     horizontal = sum(taps[i] * padded[:, :, i:i + 24] for i in range(2 * radius + 1))
     expected = sum(taps[i] * horizontal[:, i:i + 20, :] for i in range(2 * radius + 1))
-    out = A.gaussian_blur(tf.constant(image), tf.constant(sigma), radius).numpy()
+    out = R.gaussian_blur(tf.constant(image), tf.constant(sigma), radius).numpy()
     np.testing.assert_allclose(out, expected, atol=1e-6)
-    assert A.blur_radius(224) == 11 and A.blur_radius(32) == 1 and A.blur_radius(19) == 0
+    assert ops.blur_radius(224) == 11 and ops.blur_radius(32) == 1 and ops.blur_radius(19) == 0
 
 
 def test_fast_blur_skips_only_negligible_taps():
     """The shortened blur equals the full 2r+1-tap blur (NumPy, float64) to within the tail tolerance, and
     the radius it picks is the shortest bucket whose left-out weight (float64) is within that tolerance."""
     rng = np.random.default_rng(16)
-    radius = A.blur_radius(224)  # 11, the reference's kernel at 224 px
+    radius = ops.blur_radius(224)  # 11, the reference's kernel at 224 px
     image = rng.uniform(0, 1, size=(3, 30, 34))
-    buckets = A.blur_radius_buckets(radius)
+    buckets = ops.blur_radius_buckets(radius)
     assert buckets[-1] == radius and buckets == sorted(set(buckets)) and len(buckets) > 3
     picked = []
     for sigma in np.linspace(*A.BLUR_SIGMA_RANGE, 25):
@@ -232,12 +236,12 @@ def test_fast_blur_skips_only_negligible_taps():
         horizontal = sum(taps[i] * padded[:, :, i:i + 34] for i in range(2 * radius + 1))
         padded = np.pad(horizontal, [(0, 0), (radius, radius), (0, 0)])
         expected = sum(taps[i] * padded[:, i:i + 30, :] for i in range(2 * radius + 1))
-        out = A.fast_gaussian_blur(tf.constant(image, tf.float32), tf.constant(sigma, tf.float32), radius)
-        np.testing.assert_allclose(out.numpy(), expected, atol=A.BLUR_TAIL_TOLERANCE + 3e-7, err_msg=str(sigma))
-        used = int(A.blur_taps_radius(tf.constant(sigma, tf.float32), radius))
+        out = R.fast_gaussian_blur(tf.constant(image, tf.float32), tf.constant(sigma, tf.float32), radius)
+        np.testing.assert_allclose(out.numpy(), expected, atol=ops.BLUR_TAIL_TOLERANCE + 3e-7, err_msg=str(sigma))
+        used = int(R.blur_taps_radius(tf.constant(sigma, tf.float32), radius))
         tail = lambda r: taps[:radius - r].sum() + taps[radius + r + 1:].sum()  # noqa: E731
-        fitting = [r for r in buckets if tail(r) <= A.BLUR_TAIL_TOLERANCE * (1 + 1e-3)]
-        assert used == fitting[0] or (used in fitting and tail(fitting[0]) > A.BLUR_TAIL_TOLERANCE * 0.999)
+        fitting = [r for r in buckets if tail(r) <= ops.BLUR_TAIL_TOLERANCE * (1 + 1e-3)]
+        assert used == fitting[0] or (used in fitting and tail(fitting[0]) > ops.BLUR_TAIL_TOLERANCE * 0.999)
         picked.append(used)
     # Small sigmas really use fewer taps (that is the point), the largest need them all.
     assert picked[0] == buckets[0] and picked[-1] == radius and np.mean(picked) < 0.75 * radius
@@ -260,7 +264,7 @@ def test_blur_applied_only_where_drawn():
 def test_finetune_augmenter_only_flips():
     n, size = 16, 24
     images = tf.constant(np.random.default_rng(8).uniform(-0.02, 1.02, size=(n, size, size, 3)), tf.float32)
-    augment = A.make_batch_augmenter(color=False, use_blur=False)
+    augment = A.make_batch_augmenter(AugmentConfig(size, use_blur=False), color=False)
     seed = tf.constant([1, 2], tf.int64)
     out = augment(images, seed).numpy()
     flip = A.sample_params(n, seed, color=False, use_blur=False).flip.numpy()
@@ -271,7 +275,7 @@ def test_finetune_augmenter_only_flips():
 
 def test_batch_augmenter_seeded():
     images = tf.constant(_smooth_images(8, 24, 24) / 255.0, tf.float32)
-    augment = A.make_batch_augmenter()
+    augment = A.make_batch_augmenter(AugmentConfig(24))
     a = augment(images, tf.constant([1, 2], tf.int64)).numpy()
     b = augment(images, tf.constant([1, 2], tf.int64)).numpy()
     c = augment(images, tf.constant([1, 3], tf.int64)).numpy()
@@ -288,13 +292,15 @@ def test_example_augmenter_equals_batch_pixels(options):
     views = [tf.constant(rng.uniform(-5, 260, size=(size, size, 3)), tf.float32) for _ in range(2)]
     seed = tf.constant([21, 22], tf.int64)
     brightness = options.get("brightness", "v2")
-    augment = A.make_example_augmenter(input_scale=1 / 255, **options)
+    settings = AugmentConfig(size, use_blur=options.get("use_blur", True), brightness=brightness)
+    color = options.get("color", True)
+    augment = A.make_example_augmenter(settings, color=color, input_scale=1 / 255)
     out = augment(views, seed).numpy()
     assert out.shape == (size, size, 6) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
     params = A.sample_params(2, seed, **options)
     batch = A.apply_with_params(tf.stack(views) / 255.0, params, brightness=brightness).numpy()
     np.testing.assert_allclose(out, np.concatenate([batch[0], batch[1]], axis=-1), atol=2e-5)
-    single = A.make_example_augmenter(input_scale=1 / 255, **options)(views[:1], seed).numpy()
+    single = A.make_example_augmenter(settings, color=color, input_scale=1 / 255)(views[:1], seed).numpy()
     assert single.shape == (size, size, 3)
 
 
@@ -307,15 +313,15 @@ def test_view_distribution_matches_per_image_reference():
     sources = tf.constant(_smooth_images(16, 40, 48, seed=9))
     idx = np.arange(n) % 16
     tf.random.set_seed(3)
-    reference = tf.function(lambda im: tf.map_fn(lambda x: A.reference_view(x, size), im,
+    reference = tf.function(lambda im: tf.map_fn(lambda x: R.reference_view(x, AugmentConfig(size)), im,
                                                  fn_output_signature=tf.float32))
     ref = reference(tf.gather(sources, idx)).numpy()
 
     @tf.function
     def ours(images, seeds):
-        stage1 = tf.map_fn(lambda a: A.random_crop_resize(a[0], size, a[1]), (images, seeds),
+        stage1 = tf.map_fn(lambda a: ops.random_crop_resize(a[0], size, a[1]), (images, seeds),
                            fn_output_signature=tf.float32)
-        return A.make_batch_augmenter()(stage1, tf.constant([11, 12], tf.int64))
+        return A.make_batch_augmenter(AugmentConfig(size))(stage1, tf.constant([11, 12], tf.int64))
 
     seeds = tf.random.stateless_uniform([n, 2], seed=[4, 4], minval=0, maxval=2**30, dtype=tf.int64)
     our = ours(tf.gather(sources, idx), seeds).numpy()
@@ -332,8 +338,8 @@ def test_view_distribution_matches_per_image_reference():
     for name in ours_stats:
         assert _ks_statistic(ours_stats[name], ref_stats[name]) < crit, name
     # Sanity of the test's power: a weaker colour distortion (s = 0.5 instead of 1) is detected.
-    weaker = A.make_batch_augmenter(color_jitter_strength=0.5)
-    stage1 = tf.map_fn(lambda a: A.random_crop_resize(a[0], size, a[1]), (tf.gather(sources, idx), seeds),
+    weaker = A.make_batch_augmenter(AugmentConfig(size, color_jitter_strength=0.5))
+    stage1 = tf.map_fn(lambda a: ops.random_crop_resize(a[0], size, a[1]), (tf.gather(sources, idx), seeds),
                        fn_output_signature=tf.float32)
     weak_stats = stats(weaker(stage1, tf.constant([11, 12], tf.int64)).numpy())
     assert max(_ks_statistic(weak_stats[k], ref_stats[k]) for k in ref_stats) > crit
@@ -354,7 +360,8 @@ def test_paired_layout_equals_per_view_application_then_channel_concat():
     assert paired.shape == (4, 12, 12, 6)
     np.testing.assert_allclose(paired, np.concatenate([single[:4], single[4:]], axis=-1), atol=1e-6)
     # The batch augmenter takes the two views as a list of tensors and gives the same pairs.
-    augmenter = augment.make_batch_augmenter(color_jitter_strength=1.0, use_blur=True, pairs=True)
+    augmenter = augment.make_batch_augmenter(AugmentConfig(12, color_jitter_strength=1.0, use_blur=True),
+                                             pairs=True)
     from_list = augmenter([images[:4], images[4:]], seed).numpy()
     from_tensor = augmenter(images, seed).numpy()
     np.testing.assert_allclose(from_list, from_tensor, atol=1e-6)

@@ -1,4 +1,4 @@
-"""SimCLRv2 distillation (issue 7): the teacher, the objective, frozen teacher, unlabelled data, export."""
+"""SimCLRv2 distillation (docs/design.md §9): the teacher, the objective, frozen teacher, unlabelled data, export."""
 import json
 import os
 import subprocess

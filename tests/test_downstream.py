@@ -12,26 +12,18 @@ from simclr_tf import app, features, linear_eval, predict
 from simclr_tf.config import Config
 from simclr_tf.data import augment
 from simclr_tf.evaluate import evaluate
-from simclr_tf.train import Trainer, build_model
+from simclr_tf.models import build_model
+from simclr_tf.train import Trainer
+from tests.conftest import TINY, write_npz
 from tests.test_knn import brute_force_knn
 
-TINY = dict(resnet_depth=18, width_multiplier=0.125, image_size=16, num_proj_layers=2, proj_out_dim=16,
-            temperature=0.5, color_jitter_strength=0.5, use_blur=False, train_batch_size=8, eval_batch_size=7,
-            warmup_epochs=0, seed=0, train_split="train", eval_split="test", learning_rate=1.0)
+TINY_RUN = dict(TINY, proj_out_dim=16, train_batch_size=8, warmup_epochs=0, seed=0, train_split="train",
+                eval_split="test", learning_rate=1.0)
 PRETRAIN_STEPS = 2
 
 
-def write_npz(path, classes, n_train=64, n_test=20, size=16, seed=0):
-    rng = np.random.RandomState(seed)
-    np.savez(path, x_train=rng.randint(0, 256, (n_train, size, size, 3), dtype=np.uint8),
-             y_train=np.arange(n_train) % classes,
-             x_test=rng.randint(0, 256, (n_test, size, size, 3), dtype=np.uint8),
-             y_test=rng.randint(0, classes, n_test), num_classes=np.int64(classes))
-    return str(path)
-
-
 def config(model_dir, dataset, **overrides):
-    return Config(model_dir=str(model_dir), dataset=f"npz:{dataset}", **{**TINY, **overrides})
+    return Config(model_dir=str(model_dir), dataset=f"npz:{dataset}", **{**TINY_RUN, **overrides})
 
 
 class Log(list):
@@ -42,7 +34,8 @@ class Log(list):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return {"four": write_npz(root / "four.npz", 4), "three": write_npz(root / "three.npz", 3, seed=1)}
+    return {"four": write_npz(root / "four.npz", 4, cyclic_labels=True),
+            "three": write_npz(root / "three.npz", 3, seed=1, cyclic_labels=True)}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +59,7 @@ def restored_model(cfg, prefix):
     """A model holding every variable of a checkpoint (full object-graph restore, independent of
     checkpoints.initialise_from_checkpoint)."""
     strategy, source = app.prepare(cfg)
-    model = build_model(cfg, source.num_classes, strategy)
+    model = build_model(cfg.model, source.num_classes, strategy)
     tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
     return model
 
@@ -274,14 +267,14 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
 from simclr_tf import app, features
 from simclr_tf.config import Config
 from simclr_tf.evaluate import evaluate
-from simclr_tf.train import build_model
+from simclr_tf.models import build_model
 
 cfg = Config(model_dir=sys.argv[2], dataset="npz:" + sys.argv[1], train_split="train", eval_split="test",
              resnet_depth=18, width_multiplier=0.125, image_size=16, num_proj_layers=2, strategy="mirrored",
              num_cpu_replicas=2, train_batch_size=8, seed=0)
 strategy, source = app.prepare(cfg)
 assert strategy.num_replicas_in_sync == 2
-model = build_model(cfg, source.num_classes, strategy)
+model = build_model(cfg.model, source.num_classes, strategy)
 h2, y2 = features.extract_features(model, source, "eval", image_size=16, batch_size=8, strategy=strategy)
 h1, y1 = features.extract_features(model, source, "eval", image_size=16, batch_size=8)
 r2 = evaluate(model, source, strategy, image_size=16, eval_batch_size=8)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf.errors import UsageError
-from simclr_tf.losses import distillation_loss, nt_xent, scale_loss_for_replicas
+from simclr_tf.losses import distillation_loss, nt_xent
 from tests.conftest import REPO
 
 
@@ -80,10 +80,6 @@ def test_nt_xent_rejects_non_positive_temperature():
         nt_xent(tf.zeros([4, 3]), temperature=0.0)
 
 
-def test_scale_loss_outside_strategy_is_identity():
-    assert scale_loss_for_replicas(tf.constant(3.0)).numpy() == 3.0
-
-
 def _naive_distillation(t, s, tau):
     t = t.astype(np.float64) / tau
     s = s.astype(np.float64) / tau
@@ -130,7 +126,7 @@ import tensorflow as tf
 
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 4)
-from simclr_tf.losses import nt_xent, scale_loss_for_replicas
+from simclr_tf.losses import nt_xent
 
 # One replica count per process: two MirroredStrategies of different sizes in one process reuse collective
 # group keys and the second all_gather aborts ("joining a group with size 4, but that group has size 2").
@@ -156,7 +152,7 @@ for hidden_norm, tau in [(True, 0.1), (False, 0.5)]:
         with tf.GradientTape() as tape:
             tape.watch(z)
             out = nt_xent(z, temperature=tau, hidden_norm=hidden_norm)
-            scaled = scale_loss_for_replicas(out.loss)
+            scaled = out.loss / replicas  # each replica's share of the global mean, as the trainer takes it
         return (scaled, tape.gradient(scaled, z), out.contrast_acc, out.contrast_entropy, out.labels,
                 out.logits_ab)
 

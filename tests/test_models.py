@@ -1,4 +1,4 @@
-"""Model zoo (issue 4): structure, initialisers, freezing, sync BN, heads, `.keras` round trip."""
+"""Model zoo (docs/design.md §3): structure, initialisers, freezing, sync BN, heads, `.keras` round trip."""
 import os
 import subprocess
 import sys
@@ -12,9 +12,10 @@ import tensorflow as tf
 from simclr_tf.errors import UsageError
 from simclr_tf.models import SimCLRModel, weight_decay_exempt_variables
 from simclr_tf.models.resnet import BLOCKS_PER_DEPTH, ResNet, SelectiveKernel, SqueezeExcite
+from tests.conftest import TINY_ARCH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(resnet_depth=18, width_multiplier=0.125, image_size=16, num_proj_layers=2, num_classes=5)
+TINY_MODEL = dict(TINY_ARCH, num_classes=5)
 
 
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -26,7 +27,7 @@ def count(variables) -> int:
 
 
 def formula_backbone_params(depth: int, w: float, sk: bool) -> int:
-    """Parameter count (incl. BN moving statistics: 4 numbers per BN channel) from DESIGN.md section 3."""
+    """Parameter count (incl. BN moving statistics: 4 numbers per BN channel) from docs/design.md §3.1."""
     kind, blocks = BLOCKS_PER_DEPTH[depth]
 
     def conv(k, cin, cout):
@@ -80,7 +81,7 @@ def test_h_width_is_2048w_for_bottleneck_and_512w_for_basic(depth, width, dim):
 
 
 def test_stems_keep_or_reduce_resolution():
-    cifar = SimCLRModel(**TINY)
+    cifar = SimCLRModel(**TINY_MODEL)
     out = cifar(images(2, 16), training=False)
     assert out["initial_conv"].shape == (2, 16, 16, 8) and out["block_group1"].shape == (2, 16, 16, 8)
     assert out["block_group4"].shape == (2, 2, 2, 64)
@@ -213,7 +214,7 @@ def stats_changed(before, after):
 
 
 def test_fine_tune_after_block_4_freezes_backbone_and_projection_head():
-    model = SimCLRModel(**TINY, fine_tune_after_block=4)
+    model = SimCLRModel(**TINY_MODEL, fine_tune_after_block=4)
     model.build((None, 16, 16, 3))
     assert model.backbone.trainable_weights == [] and model.projection_head.trainable_weights == []
     assert {id(v) for v in model.trainable_variables} == {id(v) for v in model.supervised_head.weights}
@@ -221,7 +222,7 @@ def test_fine_tune_after_block_4_freezes_backbone_and_projection_head():
     before = bn_stats(frozen_bns)
     model(images(4, 16), training=True)
     assert not any(stats_changed(before, bn_stats(frozen_bns)))
-    free = SimCLRModel(**TINY, fine_tune_after_block=-1)
+    free = SimCLRModel(**TINY_MODEL, fine_tune_after_block=-1)
     free.build((None, 16, 16, 3))
     before = bn_stats(free.backbone.leaf_layers())
     free(images(4, 16), training=True)
@@ -229,7 +230,7 @@ def test_fine_tune_after_block_4_freezes_backbone_and_projection_head():
 
 
 def test_fine_tune_after_block_2_freezes_exactly_stem_and_groups_1_2():
-    model = SimCLRModel(**TINY, fine_tune_after_block=2)
+    model = SimCLRModel(**TINY_MODEL, fine_tune_after_block=2)
     model.build((None, 16, 16, 3))
     parts = model.backbone.parts()
     assert [bool(p.trainable_weights) for p in parts] == [False, False, False, True, True]
@@ -248,7 +249,7 @@ def test_fine_tune_after_block_2_freezes_exactly_stem_and_groups_1_2():
 def test_projection_modes_and_selectors_give_documented_shapes(mode, layers, selectors):
     x = images(3, 16)
     for selector in selectors:
-        model = SimCLRModel(**{**TINY, "num_proj_layers": 3}, proj_head_mode=mode, proj_out_dim=24,
+        model = SimCLRModel(**{**TINY_MODEL, "num_proj_layers": 3}, proj_head_mode=mode, proj_out_dim=24,
                             ft_proj_selector=selector)
         out = model(x, training=True)
         dims = {"none": [], "linear": [24], "nonlinear": [64, 64, 24]}[mode]
@@ -262,14 +263,14 @@ def test_projection_modes_and_selectors_give_documented_shapes(mode, layers, sel
             assert model.projection_head.bn_layers[-1].beta is None  # last head BN has no beta
             assert all(bn.beta is not None for bn in model.projection_head.bn_layers[:-1])
     with pytest.raises(UsageError, match="--ft_proj_selector"):
-        SimCLRModel(**{**TINY, "num_proj_layers": 3}, proj_head_mode=mode, ft_proj_selector=layers + 1)
-    assert "logits_sup" not in SimCLRModel(**{**TINY, "num_classes": 0}, proj_head_mode=mode)(x)
+        SimCLRModel(**{**TINY_MODEL, "num_proj_layers": 3}, proj_head_mode=mode, ft_proj_selector=layers + 1)
+    assert "logits_sup" not in SimCLRModel(**{**TINY_MODEL, "num_classes": 0}, proj_head_mode=mode)(x)
 
 
 def test_linear_eval_stop_gradient():
     x = images(2, 16)
     for stop, expect_grad in ((True, False), (False, True)):
-        model = SimCLRModel(**TINY, linear_eval_stop_gradient=stop)
+        model = SimCLRModel(**TINY_MODEL, linear_eval_stop_gradient=stop)
         model.build((None, 16, 16, 3))
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(model(x, training=True)["logits_sup"] ** 2)

@@ -1,4 +1,4 @@
-"""Loading the official TF1 SimCLR checkpoints (issue 10) against the golden fixtures of the official code."""
+"""Loading the official TF1 SimCLR checkpoints (docs/design.md §12) against the golden fixtures of the official code."""
 import json
 
 import keras
@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import convert, official
+from simclr_tf.checkpoints import is_native_checkpoint, resolve_checkpoint
 from simclr_tf.errors import UsageError
 from simclr_tf.models import SimCLRModel
 
@@ -106,9 +107,12 @@ def test_convert_and_reload_gives_same_outputs(golden_dir, tmp_path):
     assert not np.array_equal(group4, tuned.backbone.groups[3].blocks[-1].conv_b.kernel.numpy())
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(frozen, [v for p in tuned.backbone.parts()[:3]
                                                                      for v in p.weights]))
-    assert official.is_official_checkpoint(path) and official.is_official_checkpoint(path / "model.ckpt-0")
-    assert not official.is_official_checkpoint(record["tf2_checkpoint"])
-    assert not official.is_official_checkpoint(tmp_path / "nothing")
+    # The loader tells the official (name-based) format from ours by the object graph.
+    assert not is_native_checkpoint(resolve_checkpoint(str(path)))
+    assert not is_native_checkpoint(resolve_checkpoint(str(path / "model.ckpt-0")))
+    assert is_native_checkpoint(resolve_checkpoint(str(record["tf2_checkpoint"])))
+    with pytest.raises(UsageError):
+        resolve_checkpoint(str(tmp_path / "nothing"))
 
 
 def rewrite_checkpoint(source, target, drop=(), add=None):

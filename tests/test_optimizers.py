@@ -1,4 +1,4 @@
-"""LARS against a NumPy transcription of DESIGN.md section 5, on one and two replicas; checkpointing; the
+"""LARS against a NumPy transcription of docs/design.md §6.3, on one and two replicas; checkpointing; the
 optimizer factory and the weight-decay loss term."""
 import json
 import math
@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 
 def lars_numpy(weights, grads_per_step, lrs, excluded, momentum, weight_decay, eeta):
-    """DESIGN.md section 5 in float64. `grads_per_step[k][i]` may be a callable of the current weight."""
+    """docs/design.md §6.3 in float64. `grads_per_step[k][i]` may be a callable of the current weight."""
     w = [np.array(x, np.float64) for x in weights]
     v = [np.zeros_like(x) for x in w]
     for grads, lr in zip(grads_per_step, lrs):

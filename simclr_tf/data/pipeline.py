@@ -1,7 +1,7 @@
-"""tf.data input functions per mode (DESIGN.md section 1), for `strategy.distribute_datasets_from_function`.
+"""tf.data input functions per mode (docs/design.md §1), for `strategy.distribute_datasets_from_function`.
 
-Train modes: [cache] -> shuffle -> repeat -> per-element map (crop + bicubic resize, augment.py stage 1) ->
-batch(drop_remainder) -> per-batch map (flip, colour, blur: stage 2, XLA-compiled) -> prefetch; from
+Train modes: [cache] -> shuffle -> repeat -> per-element map (crop + bicubic resize: stage 1, ops.py) ->
+batch(drop_remainder) -> per-batch map (flip, colour, blur: stage 2, augment.py, XLA-compiled) -> prefetch; from
 EXAMPLE_PROGRAM_MIN_SIZE px up, stage 2 runs per example at the end of the per-element map instead.
 Eval: [cache] -> centre crop -> batch keeping the remainder -> prefetch, no repeat.
 
@@ -11,16 +11,18 @@ their views are independent.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import os
 from typing import Callable, Literal, Optional
 
 import tensorflow as tf
 
-from simclr_tf.data import augment
+from simclr_tf.data import augment as augment_lib
+from simclr_tf.data import ops
 from simclr_tf.data.sources import DataSource
 from simclr_tf.errors import UsageError
+from simclr_tf.sections import AugmentConfig
 
 Mode = Literal["pretrain", "finetune", "distill", "eval"]
 MODES = ("pretrain", "finetune", "distill", "eval")
@@ -38,25 +40,24 @@ _PIPELINE_SEED_STRIDE = 1_000_003
 
 
 def shuffle_buffer_size(per_replica_batch: int, image_size: int) -> int:
+    """Examples in the training shuffle buffer: 50 batches for small (CIFAR-sized) images, 10 above.
+
+    Args:
+        per_replica_batch: the batch of one input pipeline.
+        image_size: side of the views.
+    """
     return per_replica_batch * (50 if image_size <= 32 else 10)
 
 
-def num_eval_steps(num_eval: int, global_eval_batch_size: int) -> int:
-    """Steps that cover every eval example once: ceil(num_eval / global batch). Equal to every replica's own
-    batch count when the source shards element by element."""
-    if global_eval_batch_size <= 0:
-        raise UsageError("--eval_batch_size", f"must be positive, got {global_eval_batch_size}")
-    return math.ceil(num_eval / global_eval_batch_size)
-
-
-def _check_args(mode: str, global_batch_size: int, image_size: int) -> None:
+def _check_args(mode: str, global_batch_size: int, seed: Optional[int]) -> None:
     if mode not in MODES:
         raise UsageError("--train_mode", f"must be one of {MODES}, got {mode!r}")
     batch_flag = "--eval_batch_size" if mode == "eval" else "--train_batch_size"
     if global_batch_size <= 0:
         raise UsageError(batch_flag, f"must be positive, got {global_batch_size}")
-    if image_size < 8:
-        raise UsageError("--image_size", f"must be >= 8, got {image_size}")
+    # None = nondeterministic.
+    if seed is not None and (not isinstance(seed, int) or seed < 0):
+        raise UsageError("--seed", f"must be a non-negative integer, got {seed!r}")
 
 
 def _per_replica_batch(ctx: tf.distribute.InputContext, global_batch_size: int, mode: str) -> int:
@@ -68,8 +69,7 @@ def _per_replica_batch(ctx: tf.distribute.InputContext, global_batch_size: int, 
                                f"{ctx.num_replicas_in_sync} replicas in sync") from None
 
 
-def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, image_size: int,
-                   color_jitter_strength: float = 1.0, use_blur: bool = True, brightness: str = "v2",
+def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, augment: AugmentConfig,
                    cache_dataset: bool = False, seed: Optional[int] = None,
                    drop_remainder: Optional[bool] = None, start_step: int = 0) -> InputFn:
     """Input function for `mode`; call it with the `InputContext` of `distribute_datasets_from_function`.
@@ -81,24 +81,34 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, im
 
     With a `seed`, training batches are a pure function of (seed, step): `start_step` resumes the stream
     exactly where a run that started at step 0 would be (see `_replayable_stream`).
+
+    Args:
+        source: the data; training reads its train split, eval its eval split.
+        mode: "pretrain", "finetune", "distill" or "eval".
+        global_batch_size: batch over all replicas (`--train_batch_size` or `--eval_batch_size`).
+        augment: view size S and the augmentation settings (eval uses only the size).
+        cache_dataset: cache the source's (undecoded, unaugmented) examples in memory.
+        seed: None: nondeterministic; else training batches depend only on (seed, step).
+        drop_remainder: None: True for training, False for eval.
+        start_step: with a seed, the step whose batch comes first.
     """
-    _check_args(mode, global_batch_size, image_size)
-    augment.check_brightness_impl(brightness)
-    augment.optional_seed(seed)
+    _check_args(mode, global_batch_size, seed)
+    image_size = augment.image_size
     training = mode != "eval"
     drop = training if drop_remainder is None else bool(drop_remainder)
     pretrain = mode == "pretrain"
+    # Fine-tune and distill views are crop + flip only: no colour distortion and no blur.
+    stage2_settings = augment if pretrain else dataclasses.replace(augment, use_blur=False)
 
     per_example = image_size >= EXAMPLE_PROGRAM_MIN_SIZE
 
     @functools.lru_cache(maxsize=None)
     def augmenter(input_scale: float) -> Callable:
         # One per source value range (in practice one), shared by all input pipelines so XLA compiles once.
-        options = dict(color_jitter_strength=color_jitter_strength, use_blur=use_blur and pretrain,
-                       brightness=brightness, color=pretrain, input_scale=input_scale)
         if per_example:
-            return augment.make_example_augmenter(**options)
-        return augment.make_batch_augmenter(pairs=pretrain, **options)
+            return augment_lib.make_example_augmenter(stage2_settings, color=pretrain, input_scale=input_scale)
+        return augment_lib.make_batch_augmenter(stage2_settings, color=pretrain, pairs=pretrain,
+                                                input_scale=input_scale)
 
     def input_fn(input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         ctx = input_context or tf.distribute.InputContext()
@@ -107,7 +117,7 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, im
         if cache_dataset:
             dataset = dataset.cache()
         if not training:
-            dataset = dataset.map(lambda image, label: (augment.eval_view(image, image_size), label),
+            dataset = dataset.map(lambda image, label: (augment_lib.eval_view(image, image_size), label),
                                   num_parallel_calls=_AUTOTUNE)
             return dataset.batch(per_replica, drop_remainder=drop).prefetch(_AUTOTUNE)
 
@@ -120,14 +130,14 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, im
                                          start_element=start_step * per_replica)
 
         # Stage 1 leaves views in the source's value range; stage 2 rescales them in its first fused pass.
-        stage2 = augmenter(augment.input_scale(dataset.element_spec[0][0].dtype))
+        stage2 = augmenter(ops.input_scale(dataset.element_spec[0][0].dtype))
 
         def per_element(example: tuple, key: tf.Tensor) -> tuple:
             image, label = example
             seeds = tf.random.experimental.stateless_split(tf.stack([key, tf.constant(0, tf.int64)]), 3)
-            views = [augment.random_crop_resize(image, image_size, seeds[0], rescale=False)]
+            views = [ops.random_crop_resize(image, image_size, seeds[0], rescale=False)]
             if pretrain:
-                views.append(augment.random_crop_resize(image, image_size, seeds[1], rescale=False))
+                views.append(ops.random_crop_resize(image, image_size, seeds[1], rescale=False))
             if per_example:  # [S, S, 3] or the two-view [S, S, 6], drawn from the example's own seed
                 return stage2(views, seeds[2]), label
             return tuple(views) + (label, seeds[2])
@@ -185,11 +195,6 @@ def _epoch(dataset: tf.data.Dataset, buffer: int, seed: int, epoch: tf.Tensor) -
     if not tf.executing_eagerly():
         graph.seed = _EPOCH_GRAPH_SEED
     return dataset.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-
-
-def distributed_dataset(strategy: tf.distribute.Strategy, input_fn: InputFn) -> tf.distribute.DistributedDataset:
-    """One input pipeline per worker, each fed its own `InputContext` (per-replica batch, shard)."""
-    return strategy.distribute_datasets_from_function(input_fn)
 
 
 def view_grid(images: tf.Tensor, n: int) -> tf.Tensor:

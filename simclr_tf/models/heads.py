@@ -1,4 +1,4 @@
-"""Projection head (none / linear / nonlinear) and supervised head of SimCLR (DESIGN.md section 3)."""
+"""Projection head (none / linear / nonlinear) and supervised head of SimCLR (docs/design.md §3.6, §3.7)."""
 from __future__ import annotations
 
 from typing import Any

@@ -120,7 +120,7 @@ def batch_norm_variables(model: SimCLRModel) -> list[keras.Variable]:
 
 
 def weight_decay_exempt_variables(model: SimCLRModel) -> list[keras.Variable]:
-    """Variables LARS leaves out of weight decay and trust-ratio scaling (DESIGN.md section 5).
+    """Variables LARS leaves out of weight decay and trust-ratio scaling (docs/design.md §6.2).
 
     BN gammas and betas, every bias (squeeze-excite convs), and the whole supervised head (it gets its own
     L2 term in the loss). Selected by layer object, so renamed or nested layers cannot slip through.

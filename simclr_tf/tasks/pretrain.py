@@ -1,0 +1,43 @@
+"""Pretraining: NT-Xent between two views of each image, plus the online linear head."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import tensorflow as tf
+
+from simclr_tf import losses
+from simclr_tf.models import SimCLRModel
+from simclr_tf.sections import ContrastConfig, OptimConfig
+from simclr_tf.tasks.base import Metrics, Task, supervised_terms
+
+
+class PretrainTask(Task):
+    """The SimCLR objective (the official `single_step`, pretrain branch).
+
+    Args:
+        model: the network; its supervised head (if any) reads stop_gradient(h).
+        optim: optimizer settings (weight decay).
+        contrast: temperature and normalisation of NT-Xent.
+        linear_eval: also train the supervised head on the labelled rows (online linear evaluation).
+    """
+
+    def __init__(self, model: SimCLRModel, optim: OptimConfig, contrast: ContrastConfig,
+                 linear_eval: bool) -> None:
+        super().__init__(model, optim)
+        self.contrast = contrast
+        self.linear_eval = linear_eval and model.supervised_head is not None
+
+    def objective(self, images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, Metrics]:
+        # [b, S, S, 6] -> [2b, S, S, 3]: all first views, then all second views (NT-Xent's row order).
+        views = tf.concat(tf.split(images, 2, axis=-1), axis=0)
+        out = self.model(views, training=True)
+        con = losses.nt_xent(out["proj_head_output"], temperature=self.contrast.temperature,
+                             hidden_norm=self.contrast.hidden_norm)
+        loss = con.loss
+        metrics = dict(contrast_loss=con.loss, contrast_acc=con.contrast_acc,
+                       contrast_entropy=con.contrast_entropy)
+        if self.linear_eval:
+            sup = supervised_terms(out["logits_sup"], tf.concat([labels, labels], 0))
+            loss += sup["sup_loss"]
+            metrics.update(sup)
+        return loss, metrics
