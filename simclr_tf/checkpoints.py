@@ -6,6 +6,8 @@ leaves `model_dir` pointing at the previous complete checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 from typing import Optional
@@ -15,6 +17,10 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf.errors import NonFiniteLossError, UsageError, first_line
+from simclr_tf.sections import ModelConfig
+
+ARCHITECTURE_ATTRIBUTE = "json"
+ARCHITECTURE_KEY = f"architecture/.ATTRIBUTES/{ARCHITECTURE_ATTRIBUTE}"
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -161,8 +167,40 @@ def _model_variable_shapes(prefix: str) -> dict:
 
 
 
-def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> Optional[str]:
+class RecordedArchitecture(tf.__internal__.tracking.Trackable):
+    """The model's architecture (its ModelConfig as JSON), written into every checkpoint next to `model`.
+
+    Saved as a string tensor, not a variable: it describes the model of the process that saves, so restoring
+    leaves it as it is (a run resumed with other flags records what it now trains).
+    """
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.text = json.dumps(dataclasses.asdict(model), sort_keys=True)
+
+    def _serialize_to_tensors(self) -> dict:
+        return {ARCHITECTURE_ATTRIBUTE: tf.constant(self.text)}
+
+    def _restore_from_tensors(self, restored_tensors: dict) -> tf.Operation:
+        return tf.no_op()
+
+
+def stored_architecture(prefix: str) -> Optional[dict]:
+    """The architecture a simclr_tf checkpoint records (ModelConfig fields), or None for older checkpoints."""
+    reader = tf.train.load_checkpoint(prefix)
+    if not reader.has_tensor(ARCHITECTURE_KEY):
+        return None
+    value = reader.get_tensor(ARCHITECTURE_KEY)
+    return json.loads(value.decode() if isinstance(value, bytes) else str(value))
+
+
+def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
+           legacy: Optional[tf.train.Checkpoint] = None) -> Optional[str]:
     """Restores the latest checkpoint of `manager` into `checkpoint`; its prefix, or None when there is none.
+
+    Args:
+        checkpoint: the run's checkpoint root.
+        manager: the run's checkpoint manager.
+        legacy: the same root without `architecture`, for checkpoints written before they recorded it.
 
     Raises UsageError naming --model_dir when that checkpoint was written by another architecture or cannot
     be read; nothing is overwritten.
@@ -171,6 +209,8 @@ def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager)
     if not latest:
         return None
     try:
+        if legacy is not None and stored_architecture(latest) is None:
+            checkpoint = legacy
         checkpoint.restore(latest).assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
         raise UsageError("--model_dir", f"{latest} was written by another architecture: "

@@ -108,7 +108,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "(reference default), v1 additive.", **f)
     flags.DEFINE_integer("steps_per_loop", 0, "Training steps per host round-trip (0: up to checkpoint_steps, "
                          "at most 100, so progress shows regularly).", **f)
-    flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (GPU/TPU users).", **f)
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (GPU/TPU users): one XLA program with one "
+                      "replica; with several, each device's pieces between the cross-replica collectives "
+                      "(sync BN, NT-Xent gather, gradient all-reduce).", **f)
     flags.DEFINE_bool("mixed_precision", False, "mixed_bfloat16 on TPU, mixed_float16 on GPU; the loss stays "
                       "float32.", **f)
     flags.DEFINE_integer("knn_every_steps", 0, "Run the weighted-kNN monitor every N training steps (0: off).", **f)
@@ -212,7 +214,11 @@ class Config:
     @functools.cached_property
     def model(self) -> ModelConfig:
         # Online linear eval reads stop_gradient(h) while pretraining; fine-tuning trains through the head.
-        return section_from(ModelConfig, self, linear_eval_stop_gradient=self.train_mode == "pretrain")
+        # Pretraining without online linear eval has no head: nothing would train it, so it would only decay,
+        # take momentum, be exported as meaningless logits and pass for a distillation teacher.
+        pretrain = self.train_mode == "pretrain"
+        return section_from(ModelConfig, self, linear_eval_stop_gradient=pretrain,
+                            supervised_head=not pretrain or self.lineareval_while_pretraining)
 
     @functools.cached_property
     def optim(self) -> OptimConfig:

@@ -13,10 +13,10 @@ with tau != 1 raise the learning rate instead. docs/design.md §9 gives the same
 
 `--teacher_checkpoint` is one of:
 
-* a simclr_tf checkpoint: a fine-tuning run's model_dir (its latest checkpoint) or a checkpoint prefix. Each
-  architecture setting comes from `--teacher_resnet_depth` / `--teacher_width_multiplier` /
-  `--teacher_sk_ratio` when given, else from the teacher run's `flags.json` next to its checkpoints (every
-  training run writes one), else from the student's flags.
+* a simclr_tf checkpoint: a fine-tuning run's model_dir (its latest checkpoint) or a checkpoint prefix. The
+  architecture is the one the checkpoint records (older checkpoints: the teacher run's `flags.json` next to
+  them; with neither, the teacher is refused, never rebuilt from the student's flags). `--teacher_resnet_depth`
+  / `--teacher_width_multiplier` / `--teacher_sk_ratio` override it, and a mismatch fails at restore.
 * an official SimCLR TF1 checkpoint (fine-tuned, with its linear head): the architecture comes from its
   variables; the layer feeding the linear head is not stored in them and is taken from `--ft_proj_selector`.
 * an exported SavedModel directory (`model_dir/saved_model/<step>`, see `simclr_tf.export`), called with
@@ -110,11 +110,18 @@ def build_teacher(config: Config, strategy: tf.distribute.Strategy,
 # simclr_tf checkpoints
 
 
-def teacher_architecture(config: Config, checkpoint_dir: Optional[str]) -> Dict[str, Any]:
-    """SimCLRModel arguments of the teacher: teacher flags > the teacher run's flags.json > student flags."""
-    saved: Dict[str, Any] = {}
-    flags_path = os.path.join(checkpoint_dir, FLAGS_FILENAME) if checkpoint_dir else None
-    if flags_path and tf.io.gfile.exists(flags_path):
+def teacher_architecture(config: Config, prefix: str) -> Dict[str, Any]:
+    """SimCLRModel arguments of the teacher in checkpoint `prefix`.
+
+    The architecture comes from the checkpoint itself (every simclr_tf checkpoint records it), else from the
+    teacher run's flags.json next to it (checkpoints written before they recorded it); without either the
+    teacher cannot be rebuilt faithfully (the student's flags may differ, e.g. in --ft_proj_selector, in ways
+    that still load but give other logits) and this refuses. Explicit --teacher_* flags override (a mismatch
+    then fails at restore).
+    """
+    saved = ckpt_lib.stored_architecture(prefix)
+    flags_path = os.path.join(os.path.dirname(prefix), FLAGS_FILENAME)
+    if saved is None and tf.io.gfile.exists(flags_path):
         try:
             with tf.io.gfile.GFile(flags_path) as f:
                 saved = json.load(f)
@@ -122,7 +129,14 @@ def teacher_architecture(config: Config, checkpoint_dir: Optional[str]) -> Dict[
             raise UsageError(flags_path, f"cannot read the teacher's flags: {e}") from None
         if not isinstance(saved, dict):
             raise UsageError(flags_path, "expected a JSON object of flag values")
-    arch = {name: saved.get(name, getattr(config, name)) for name in ARCHITECTURE_FIELDS}
+    if saved is None:
+        raise UsageError(FLAG, f"{prefix} does not record its architecture and has no {FLAGS_FILENAME} next to "
+                               "it, so the teacher cannot be rebuilt as it was trained; use the teacher run's "
+                               "model_dir, or its SavedModel export")
+    missing = [name for name in ARCHITECTURE_FIELDS if name not in saved]
+    if missing:
+        raise UsageError(FLAG, f"the teacher's recorded architecture lacks {', '.join(missing)}")
+    arch = {name: saved[name] for name in ARCHITECTURE_FIELDS}
     for name, flag in TEACHER_FLAGS.items():
         value = getattr(config, flag)
         if value is not None:
@@ -139,7 +153,7 @@ def _describe(arch: Dict[str, Any]) -> str:
 
 
 def _native_teacher(config: Config, prefix: str, strategy: tf.distribute.Strategy, num_classes: int) -> Teacher:
-    arch = teacher_architecture(config, os.path.dirname(prefix))
+    arch = teacher_architecture(config, prefix)
     teacher_classes = _native_num_classes(prefix)
     if teacher_classes is None:
         raise UsageError(FLAG, f"{prefix} has no supervised head; the teacher must be a classifier (a "
@@ -153,8 +167,8 @@ def _native_teacher(config: Config, prefix: str, strategy: tf.distribute.Strateg
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
         raise UsageError(FLAG, f"{prefix} does not match the teacher architecture ({_describe(arch)}); set "
-                               "--teacher_resnet_depth / --teacher_width_multiplier / --teacher_sk_ratio or keep "
-                               f"the teacher run's {FLAGS_FILENAME} next to its checkpoints: "
+                               "--teacher_resnet_depth / --teacher_width_multiplier / --teacher_sk_ratio to match "
+                               "it, or leave them unset: "
                                f"{first_line(e)}") from None
     status.expect_partial()  # the optimizer slots and step of the teacher run are not wanted
     return _model_teacher(model, arch["image_size"], f"{prefix}, {_describe(arch)}")

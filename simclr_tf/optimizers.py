@@ -164,9 +164,8 @@ def optimizer_for(model: Any, optim: OptimConfig,
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    """The learning rate `optimizer` applies at its current iteration."""
-    lr = optimizer.learning_rate
-    return float(lr(optimizer.iterations)) if callable(lr) else float(lr)
+    """The learning rate `optimizer` applies to its next update (Keras evaluates its schedule or callable)."""
+    return float(optimizer.learning_rate)
 
 
 def l2_regularization(

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import tensorflow as tf
 from absl import logging
 
 from simclr_tf.data import pipeline
+from simclr_tf.data.sources import DataSource
+from simclr_tf.sections import AugmentConfig
 
 # Metrics shown on the progress line, when the task reports them (TensorBoard gets all of them).
 _SHOWN = ("total_loss", "contrast_acc", "sup_acc", "distill_loss", "teacher_agreement")
@@ -49,11 +51,25 @@ class Progress:
                  f"{images_per_s:.1f} img/s | ETA {format_seconds(eta)}")
 
 
-def write_view_sample(writer: tf.summary.SummaryWriter, input_fn: pipeline.InputFn, step: int) -> None:
-    """A few augmented view pairs to TensorBoard, from a separate small iterator (costs one batch)."""
+def write_view_sample(writer: tf.summary.SummaryWriter, source: DataSource, augment: AugmentConfig, step: int,
+                      seed: Optional[int] = None, num_images: int = 8) -> None:
+    """A few augmented view pairs to TensorBoard (`train/augmented_views`), one row per image.
+
+    The views come from a pipeline of their own that reads only `num_images` examples, not from the training
+    input function: a training-sized batch would decode the whole shuffle buffer (tens of thousands of images at
+    ImageNet settings) for a handful of thumbnails.
+
+    Args:
+        writer: TensorBoard writer.
+        source: the data; the first training examples are drawn.
+        augment: pretraining view size and augmentation settings.
+        step: the summary's step.
+        seed: seed of the views (`--seed`); None: nondeterministic.
+        num_images: rows of the grid.
+    """
     try:
-        images, _ = next(iter(input_fn(tf.distribute.InputContext()).take(1)))
-        grid = pipeline.view_grid(images, 8)
+        images = pipeline.view_sample(source, augment, num_images, seed)
+        grid = pipeline.view_grid(images, num_images)
         with writer.as_default(step=step):
             tf.summary.image("train/augmented_views", grid, max_outputs=1)
     except (tf.errors.OpError, ValueError) as e:  # a sample image is nice to have, never fatal

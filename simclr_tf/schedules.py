@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import tensorflow as tf
@@ -152,3 +152,18 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps,
             "name": self.name,
         }
+
+
+def at_step(schedule: keras.optimizers.schedules.LearningRateSchedule,
+            step: tf.Variable) -> Callable[[], tf.Tensor]:
+    """The learning rate as a function of the run's step counter, for an optimizer's `learning_rate`.
+
+    Keras evaluates a schedule at `optimizer.iterations`, which counts *applied* updates: a step that loss
+    scaling skips (float16 overflow) does not advance it, and the schedule would fall behind the run. The run's
+    own counter advances every step, so warmup and decay stay where the step count says.
+
+    Args:
+        schedule: the learning rate of a step.
+        step: the run's step counter (the global step, which the loop increments after each step).
+    """
+    return lambda: schedule(step)

@@ -55,7 +55,8 @@ class ModelConfig:
     Args:
         resnet_depth: 18, 34, 50, 101, 152 or 200.
         width_multiplier: channel multiplier (fractions allowed).
-        sk_ratio: selective-kernel ratio (0: off; needs a bottleneck ResNet).
+        sk_ratio: selective-kernel ratio (0: off). Any depth takes the ResNet-D stem and shortcuts; only
+            bottleneck blocks have a 3x3 conv for SK to replace (as in the reference).
         se_ratio: squeeze-excitation ratio (0: off).
         image_size: input side; 32 px and below use the CIFAR stem.
         proj_head_mode: "none", "linear" or "nonlinear".
@@ -66,6 +67,8 @@ class ModelConfig:
         global_bn: BN statistics over all replicas.
         fine_tune_after_block: freeze the backbone up to this block (-1: train everything).
         linear_eval_stop_gradient: the supervised head sees stop_gradient(h) (online linear eval).
+        supervised_head: build a supervised head when the data has classes (no head when nothing would train
+            it: pretraining without online linear eval).
     """
 
     resnet_depth: int = 50
@@ -81,6 +84,7 @@ class ModelConfig:
     global_bn: bool = True
     fine_tune_after_block: int = -1
     linear_eval_stop_gradient: bool = True
+    supervised_head: bool = True
 
     def __post_init__(self) -> None:
         _check(self.resnet_depth in VALID_DEPTHS, "resnet_depth",
@@ -88,8 +92,6 @@ class ModelConfig:
         _check(self.width_multiplier > 0, "width_multiplier", f"must be > 0, got {self.width_multiplier}")
         _check(self.sk_ratio >= 0, "sk_ratio", "must be >= 0")
         _check(self.se_ratio >= 0, "se_ratio", "must be >= 0")
-        _check(self.sk_ratio == 0 or self.resnet_depth >= 50, "sk_ratio",
-               "selective kernels need a bottleneck ResNet (--resnet_depth >= 50)")
         _check(-1 <= self.fine_tune_after_block <= 4, "fine_tune_after_block",
                f"must be in -1..4, got {self.fine_tune_after_block}")
         _check(self.proj_head_mode in PROJ_HEAD_MODES, "proj_head_mode",
@@ -102,7 +104,9 @@ class ModelConfig:
 
     def model_kwargs(self, num_classes: int) -> dict:
         """Keyword arguments of `SimCLRModel` for `num_classes` supervised outputs (0: no supervised head)."""
-        return dict(dataclasses.asdict(self), num_classes=num_classes)
+        kwargs = dataclasses.asdict(self)
+        del kwargs["supervised_head"]
+        return dict(kwargs, num_classes=num_classes if self.supervised_head else 0)
 
 
 @dataclasses.dataclass(frozen=True)

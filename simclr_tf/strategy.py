@@ -83,7 +83,11 @@ def build_strategy(name: str = "auto", *, num_cpu_replicas: int = 1, use_tpu: bo
         if "TF_CONFIG" not in os.environ:
             raise UsageError("--strategy", "multi_worker needs the TF_CONFIG environment variable "
                              "(cluster spec and this worker's task)")
-        split_cpu(num_cpu_replicas)
+        if num_cpu_replicas > 1 and not tf.config.list_physical_devices("GPU"):
+            # TF's collective strategy takes one CPU device per worker whatever the logical split, so the
+            # extra replicas would silently not exist.
+            raise UsageError("--num_cpu_replicas", f"{num_cpu_replicas} with --strategy=multi_worker: "
+                             "TensorFlow runs one replica per CPU worker; start more worker processes instead")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif name == "mirrored":
         # Physical, not logical: listing logical devices initialises TF, after which the CPU cannot be split.

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_tf import checkpoints as ckpt_lib
-from simclr_tf import knn, optimizers, progress, schedules, tasks
+from simclr_tf import knn, optimizers, progress, schedules, tasks, xla
 from simclr_tf.config import Config
 from simclr_tf.data import pipeline
 from simclr_tf.data.sources import DataSource
@@ -54,15 +54,18 @@ class Trainer:
                                  mixed_precision=config.mixed_precision)
         self.task = tasks.build_task(config, self.model, teacher)
         with strategy.scope():
-            lr = schedules.WarmupCosineSchedule(self.schedule.learning_rate, self.schedule.warmup_steps,
-                                                self.schedule.train_steps)
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            rate = schedules.WarmupCosineSchedule(self.schedule.learning_rate, self.schedule.warmup_steps,
+                                                  self.schedule.train_steps)
             # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
             self.optimizer = optimizers.optimizer_for(
-                self.model, config.optim, lr,
+                self.model, config.optim, schedules.at_step(rate, self.global_step),
                 loss_scaling=config.mixed_precision and mixed_precision_policy(strategy) == "mixed_float16")
-            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
-                                              global_step=self.global_step)
+        # The architecture travels inside every checkpoint, so whoever rebuilds the model from it (a
+        # distillation teacher) builds the network that was trained, whatever flags they pass.
+        parts = dict(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
+        self.checkpoint = tf.train.Checkpoint(**parts, architecture=ckpt_lib.RecordedArchitecture(config.model))
+        self._legacy_checkpoint = tf.train.Checkpoint(**parts)  # reads checkpoints written before that
         self.is_chief = is_chief(strategy)
         # Every multi-worker replica must save (saving is collective), but only the chief's copy is the
         # run's; the others keep their last one apart, in worker_<id>/, where it can be compared.
@@ -80,7 +83,7 @@ class Trainer:
     def restore(self) -> str:
         """Resumes from model_dir, else initialises the model from --checkpoint. Returns what happened."""
         cfg = self.config
-        if ckpt_lib.resume(self.checkpoint, self.manager):
+        if ckpt_lib.resume(self.checkpoint, self.manager, legacy=self._legacy_checkpoint):
             return f"resumed from {self.manager.latest_checkpoint} at step {int(self.global_step.numpy())}"
         return ckpt_lib.initialise(self.model, cfg.checkpoint, use_ema=cfg.use_ema,
                                    zero_init_logits_layer=cfg.zero_init_logits_layer)
@@ -153,7 +156,7 @@ class Trainer:
                  f"lr {sch.learning_rate:g}, warmup {sch.warmup_steps} steps, checkpoint every "
                  f"{sch.checkpoint_steps})")
         if cfg.train_mode == "pretrain" and self.is_chief:
-            progress.write_view_sample(self.writer, input_fn, step)
+            progress.write_view_sample(self.writer, self.source, cfg.augment, step, seed=cfg.seed)
         _stop_on_sigterm(self._stop)
         shown = progress.Progress(self.writer, sch.train_steps, cfg.train_batch_size, self.log, step)
         knn_every = cfg.knn_every_steps
@@ -194,7 +197,7 @@ class Trainer:
             optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
             return metrics
 
-        return tf.function(step, jit_compile=True) if self.config.jit_compile else step
+        return xla.compile_step(step, self.strategy) if self.config.jit_compile else step
 
     def _save(self, step: int) -> None:
         ckpt_lib.save_if_finite(self.manager, step, list(self.model.variables) + list(self.optimizer.variables))

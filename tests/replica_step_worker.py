@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--optimizer", default="lars")
+    parser.add_argument("--jit_compile", action="store_true", help="XLA-compile the train step")
     args = parser.parse_args()
 
     from simclr_tf.strategy import split_cpu
@@ -41,7 +42,7 @@ def main() -> None:
         model_dir=args.model_dir, dataset=f"npz:{args.data}", train_split="train", eval_split="test",
         resnet_depth=18, width_multiplier=0.125, image_size=images.shape[1], train_batch_size=global_batch,
         train_steps=1, warmup_epochs=0, learning_rate=1.0, weight_decay=1e-3, temperature=0.5,
-        num_proj_layers=2, optimizer=args.optimizer, global_bn=True, seed=0,
+        num_proj_layers=2, optimizer=args.optimizer, global_bn=True, seed=0, jit_compile=args.jit_compile,
         strategy="mirrored" if args.replicas > 1 else "one_device", num_cpu_replicas=args.replicas)
     strategy = build_strategy(config.strategy, num_cpu_replicas=config.num_cpu_replicas)
     assert strategy.num_replicas_in_sync == args.replicas

@@ -85,7 +85,7 @@ def test_use_tpu_explicit_is_recorded():
     (["--proj_head_mode=linear", "--ft_proj_selector=2"], "--ft_proj_selector"),
     (["--checkpoint=/nonexistent/ckpt"], "--checkpoint"),
     (["--train_mode=distill"], "--teacher_checkpoint"),
-    (["--resnet_depth=18", "--sk_ratio=0.0625"], "--sk_ratio"),
+    (["--resnet_depth=18", "--sk_ratio=-0.0625"], "--sk_ratio"),
 ])
 def test_invalid_input_names_the_flag(args, flag):
     with pytest.raises(UsageError) as e:
@@ -132,3 +132,9 @@ def test_every_recipe_flagfile_parses_and_validates(flagfile):
     text = flagfile.read_text()
     assert "--dataset=" in text and "--train_mode=" in text
     assert config.dataset in text
+
+
+def test_selective_kernels_with_basic_blocks_are_accepted():
+    """The reference builds ResNet-18/34 with --sk_ratio > 0 (ResNet-D stem and shortcuts, no SK convs)."""
+    config = config_from("--model_dir=/tmp/x", "--resnet_depth=18", "--sk_ratio=0.0625")
+    assert config.model.sk_ratio == 0.0625 and config.model.resnet_depth == 18

@@ -73,6 +73,28 @@ def test_backbone_parameter_counts_match_simclrv2_table(depth, width, sk, millio
         assert total == 23_561_152 and count(backbone.trainable_weights) == 23_508_032  # torchvision R50 - fc
 
 
+@pytest.mark.parametrize("depth", [18, 34])
+def test_basic_block_resnets_with_sk_take_the_resnet_d_stem_and_shortcuts(depth):
+    """As the reference builds them: deep 3-conv stem, average-pool + 1x1 projection shortcuts, no SK conv
+    (basic blocks have no bottleneck 3x3 for SK to replace). Counted against the closed form, then run."""
+    width = 0.25
+    backbone = ResNet(depth, width, sk_ratio=0.0625, cifar_stem=False)
+    out = backbone(tf.random.uniform([2, 64, 64, 3]), training=True)
+    assert count(backbone.weights) == formula_backbone_params(depth, width, True)
+    assert count(backbone.weights) != formula_backbone_params(depth, width, False)
+    assert backbone.stem.num_convs == 3
+    assert not any(isinstance(layer, SelectiveKernel) for layer in backbone._flatten_layers())
+    projections = [g.blocks[0] for g in backbone.groups if g.blocks[0].shortcut_pool is not None]
+    assert len(projections) == 4  # every group's first block projects (as in the reference), pooling first
+    assert tuple(out["h"].shape) == (2, int(512 * width)) and bool(tf.reduce_all(tf.math.is_finite(out["h"])))
+    # A strided group's pooled shortcut is exactly the 2x2 average of the input, then the 1x1 conv.
+    block = projections[1]
+    x = tf.random.uniform([1, 8, 8, block.shortcut_conv.kernel.shape[2]])
+    pooled = tf.nn.avg_pool2d(x, 2, 2, "VALID")
+    np.testing.assert_allclose(block.shortcut_conv(block.shortcut_pool(x)).numpy(),
+                               tf.nn.conv2d(pooled, block.shortcut_conv.kernel, 1, "SAME").numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("depth,width,dim", [(18, 0.25, 128), (34, 0.25, 128), (50, 0.25, 512)])
 def test_h_width_is_2048w_for_bottleneck_and_512w_for_basic(depth, width, dim):
     model = SimCLRModel(depth, width, image_size=32, proj_head_mode="none")

@@ -245,3 +245,35 @@ def test_seeded_stream_resumes_exactly_at_any_step():
             np.testing.assert_array_equal(xa, xb)
     other_seed = batches(0, 2, seed=1)
     assert not np.array_equal(other_seed[0][0], full[0][0])
+
+
+def test_view_sample_reads_only_its_examples(tmp_path):
+    """The TensorBoard sample of views (written at the start of pretraining) reads its 8 examples once, whatever
+    the training batch: a training-sized batch would fill the shuffle buffer (batch 4096 at 224 px: ~41k decoded
+    images) and augment 8,192 views for 8 thumbnails."""
+    import dataclasses
+
+    from simclr_tf import progress
+
+    reads = tf.Variable(0, dtype=tf.int64)
+    base = make_source(random_images(600, 20, 20), random_images(4, 20, 20))
+
+    def counted(split_kind, input_context=None):
+        def count(image, label):
+            with tf.control_dependencies([reads.assign_add(1)]):
+                return tf.identity(image), label
+
+        return base.make_dataset(split_kind, input_context).map(count)
+
+    source = dataclasses.replace(base, make_dataset=counted)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    progress.write_view_sample(writer, source, AugmentConfig(16, color_jitter_strength=0.5), step=3, seed=0)
+    writer.flush()
+    assert 8 <= int(reads.numpy()) <= 16
+    events = [event for path in tmp_path.iterdir() for event in tf.compat.v1.train.summary_iterator(str(path))]
+    images = [(event.step, value) for event in events for value in event.summary.value
+              if value.tag == "train/augmented_views"]
+    assert len(images) == 1 and images[0][0] == 3
+    width, height, png = tf.make_ndarray(images[0][1].tensor)
+    assert (int(width), int(height)) == (2 * 16, 8 * 16)  # 8 rows of view 1 | view 2
+    assert tf.io.decode_png(png).shape == (8 * 16, 2 * 16, 3)

@@ -94,3 +94,63 @@ def test_warmup_cosine_inside_optimizer_and_serialisation():
         seen.append(float(opt.learning_rate.numpy()))  # evaluated at the current iteration
         opt.apply_gradients([(tf.ones(1), v)])
     np.testing.assert_allclose(seen, [_closed_form(k, 0.5, 2, 8) for k in range(4)], rtol=1e-6)
+
+
+def _closed_form_rate(peak, warmup, total, step):
+    if step < warmup:
+        return peak * step / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_learning_rate_follows_the_step_counter_through_a_skipped_float16_step():
+    """Loss scaling skips an update whose gradients overflowed: optimizer.iterations stays, the run's step
+    moves on, and the rate must be the schedule at the run's step (an injected Inf gradient)."""
+    from simclr_tf import optimizers
+    from simclr_tf.models import SimCLRModel
+    from simclr_tf.schedules import at_step
+    from simclr_tf.sections import OptimConfig
+    from tests.conftest import TINY_ARCH
+
+    peak, warmup, total = 1.0, 4, 20
+    step = tf.Variable(0, dtype=tf.int64)
+    model = SimCLRModel(**TINY_ARCH)
+    model(tf.zeros([1, 16, 16, 3]))
+    optimizer = optimizers.optimizer_for(model, OptimConfig("momentum", momentum=0.0, weight_decay=0.0),
+                                         at_step(WarmupCosineSchedule(peak, warmup, total), step),
+                                         loss_scaling=True)
+    kernel = model.trainable_variables[0]
+    before = kernel.numpy().copy()
+    optimizer.apply_gradients([(tf.fill(kernel.shape, np.inf), kernel)])  # float16 overflow: skipped
+    step.assign_add(1)
+    np.testing.assert_array_equal(kernel.numpy(), before)
+    assert int(optimizer.iterations) == 0 and int(step) == 1
+    assert optimizers.current_learning_rate(optimizer) == pytest.approx(_closed_form_rate(peak, warmup, total, 1))
+    # The next, finite step is taken at the rate of step 1, not of step 0 (which is 0 during warmup).
+    # LossScaleOptimizer.apply_gradients takes gradients of the scaled loss: pass them scaled.
+    grad = np.full(kernel.shape, 0.5, np.float32)
+    scale = float(optimizer.scale_loss(tf.constant(1.0)))
+    optimizer.apply_gradients([(tf.constant(grad * scale), kernel)])
+    np.testing.assert_allclose(kernel.numpy(), before - _closed_form_rate(peak, warmup, total, 1) * grad,
+                               rtol=1e-5)
+
+
+def test_trainer_learning_rate_is_a_function_of_the_global_step(tmp_path):
+    from simclr_tf import optimizers
+    from simclr_tf.config import Config
+    from simclr_tf.data.sources import build_source
+    from simclr_tf.train import Trainer
+    from tests.conftest import TINY, write_npz
+
+    data = write_npz(tmp_path / "tiny.npz", classes=4)
+    config = Config(**TINY, model_dir=str(tmp_path / "run"), dataset=f"npz:{data}", train_split="train",
+                    eval_split="test", train_batch_size=8, train_steps=20, warmup_epochs=0.5,
+                    learning_rate=0.8, learning_rate_scaling="linear", strategy="one_device")
+    trainer = Trainer(config, tf.distribute.get_strategy(), build_source(config.dataset, None, "train", "test"),
+                      log=lambda _: None)
+    sch = trainer.schedule
+    assert sch.warmup_steps == 4 and sch.learning_rate == pytest.approx(0.8 * 8 / 256)
+    for k in (0, 2, 4, 11, 20):
+        trainer.global_step.assign(k)
+        assert int(trainer.optimizer.iterations) == 0
+        assert optimizers.current_learning_rate(trainer.optimizer) == pytest.approx(
+            _closed_form_rate(sch.learning_rate, sch.warmup_steps, sch.train_steps, k), rel=1e-5, abs=1e-9)

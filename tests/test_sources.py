@@ -12,9 +12,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_tf.data import sources
+from simclr_tf.data import pipeline, sources
 from simclr_tf.data.sources import EMBEDDED_DATASET, build_source
 from simclr_tf.errors import UsageError
+from simclr_tf.sections import AugmentConfig
 
 tfds.disable_progress_bar()
 
@@ -419,3 +420,92 @@ def test_tfds_shards_are_disjoint_and_cover(tfds_dir, spec, pipelines):
     shards = [_ids(_items(source, "train", ctx)) for ctx in _contexts(pipelines)]
     assert all(shards)
     assert sorted(sum(shards, [])) == everything and len(everything) == source.num_train
+
+
+class SimclrSourcesShards(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """240 train examples in 24 files of 10 (more files than TFDS reads at once, 16), 24 test; label = id."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"),
+                                     features=tfds.features.FeaturesDict({
+                                         "image": tfds.features.Image(shape=(4, 4, 1)),
+                                         "label": tfds.features.ClassLabel(num_classes=240)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(240), "test": self._generate_examples(24)}
+
+    def _generate_examples(self, count):
+        for i in range(count):
+            yield str(i), {"image": np.full((4, 4, 1), i, np.uint8), "label": i}
+
+
+@pytest.fixture(scope="module")
+def tfds_shards(tmp_path_factory):
+    """(data_dir, {label: file index} of the train split)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds_shards"))
+    builder = SimclrSourcesShards(data_dir=data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=24))
+    assert builder.info.splits["train"].shard_lengths == [10] * 24
+    examples = builder.as_dataset(split="train", read_config=tfds.ReadConfig(add_tfds_id=True))
+    file_of = {int(ex["label"]): int(re.search(rb"-(\d+)-of-\d+__", ex["tfds_id"]).group(1))
+               for ex in examples.as_numpy_iterator()}
+    return data_dir, file_of
+
+
+def test_tfds_train_files_shuffled_by_seed_eval_in_order(tfds_shards):
+    """Training reads (`shuffle_files`) take the files in an order fixed by the seed: the same on every pass and
+    for the same seed, another for another seed, a new one on every pass without a seed. Plain reads and the
+    eval split keep the stored order."""
+    data_dir, file_of = tfds_shards
+    source = build_source("simclr_sources_shards", data_dir, "train", "test")
+
+    def file_order(dataset):
+        labels = [int(y) for _, y in dataset.as_numpy_iterator()]
+        assert sorted(labels) == list(range(240))
+        # Files hold 10 < 16 (TFDS's interleave block) examples, so each file is read in one go.
+        return list(dict.fromkeys(file_of[y] for y in labels))
+
+    stored = list(range(24))
+    assert file_order(source.as_dataset("train")) == stored
+    orders = {}
+    for seed in (1, 2):
+        dataset = source.as_dataset("train", shuffle_files=True, seed=seed)
+        orders[seed] = file_order(dataset)
+        assert orders[seed] != stored
+        assert file_order(dataset) == orders[seed]  # a second pass over the same dataset (a replayed epoch)
+        assert file_order(source.as_dataset("train", shuffle_files=True, seed=seed)) == orders[seed]
+    assert orders[1] != orders[2]
+    unseeded = source.as_dataset("train", shuffle_files=True)
+    assert file_order(unseeded) != file_order(unseeded)  # equal with probability 1/24!
+
+    eval_labels = [int(y) for _, y in source.as_dataset("eval").as_numpy_iterator()]
+    assert eval_labels == [int(y) for _, y in source.as_dataset("eval").as_numpy_iterator()]
+    input_fn = pipeline.build_input_fn(source, mode="eval", global_batch_size=5, augment=AugmentConfig(8), seed=1)
+    assert np.concatenate([y for _, y in input_fn(None).as_numpy_iterator()]).tolist() == eval_labels
+
+
+def test_tfds_training_pipeline_shuffles_files_per_epoch_and_replays_them(tfds_shards):
+    """Seeded training on TFDS: the files each epoch starts with depend on the seed and the epoch (not always
+    the first files, as with files in stored order), and a run resumed in epoch 1 reads it exactly as before."""
+    data_dir, file_of = tfds_shards
+    source = build_source("simclr_sources_shards", data_dir, "train", "test")
+
+    def labels(seed, start_step, steps):
+        # Batch 1 at 8 px: a shuffle buffer of 50 examples, so the first 10 come from the first 6 files read.
+        input_fn = pipeline.build_input_fn(source, mode="finetune", global_batch_size=1, augment=AugmentConfig(8),
+                                           seed=seed, start_step=start_step)
+        return [int(y[0]) for _, y in input_fn(None).take(steps).as_numpy_iterator()]
+
+    def first_files(stream):
+        return {file_of[y] for y in stream[:10]}
+
+    full = labels(0, 0, 250)
+    assert sorted(full[:240]) == list(range(240))
+    epoch0, epoch1 = first_files(full[:240]), first_files(full[240:])
+    assert not epoch0 <= set(range(6)) and not epoch1 <= set(range(6))
+    assert epoch0 != epoch1
+    assert first_files(labels(1, 0, 10)) != epoch0
+    assert labels(0, 240, 10) == full[240:250]  # resumed at the start of epoch 1
+    assert labels(0, 243, 7) == full[243:250]   # and within it

@@ -67,6 +67,30 @@ def test_replicas_equal_single_device_step(single_device_step, replicas):
     assert changed > 10
 
 
+# 1 replica: the whole step is one XLA program. Several: XLA clusters per device between the collectives
+# (which once failed: "Trying to access resource .../replica_1/... located in device CPU:1 from device CPU:0").
+@pytest.mark.parametrize("replicas", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
+def test_jit_compiled_step_equals_single_device_step(single_device_step, replicas):
+    """--jit_compile on N replicas: the same step as the plain single-device step, compiled by XLA."""
+    tmp_path, tiny, batch_path, init, single = single_device_step
+    out = tmp_path / f"out_jit_{replicas}.npz"
+    args = [sys.executable, str(REPO / "tests" / "replica_step_worker.py"), f"--replicas={replicas}",
+            f"--data={tiny}", f"--batch={batch_path}", f"--model_dir={tmp_path / f'jit{replicas}'}",
+            f"--out={out}", f"--init={init}", "--jit_compile"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Compiled cluster using XLA" in proc.stderr  # XLA really ran the step
+    jit = dict(np.load(out))
+    assert set(jit) == set(single)
+    np.testing.assert_allclose(jit["loss"], single["loss"], rtol=1e-5)
+    np.testing.assert_allclose(jit["step_loss"], single["step_loss"], rtol=1e-5)
+    for key in single:
+        # XLA fuses and reorders float32 sums: ~2e-5 of each array's scale after one LARS step.
+        scale = max(float(np.abs(single[key]).max()), 1e-6)
+        np.testing.assert_allclose(jit[key], single[key], atol=1e-4 * scale + 1e-7, err_msg=key)
+
+
 def summary_tags(directory):
     """Tags of every summary in the TensorBoard event files directly in `directory`."""
     import tensorflow as tf

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from simclr_tf.data import augment as augment_lib
 from simclr_tf.data import ops
-from simclr_tf.data.sources import DataSource
+from simclr_tf.data.sources import DataSource, SplitKind
 from simclr_tf.errors import UsageError
 from simclr_tf.sections import AugmentConfig
 
@@ -113,7 +113,11 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
     def input_fn(input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         ctx = input_context or tf.distribute.InputContext()
         per_replica = _per_replica_batch(ctx, global_batch_size, mode)
-        dataset = source.as_dataset("train" if training else "eval", ctx)
+        pipeline_seed = None if seed is None else seed * _PIPELINE_SEED_STRIDE + ctx.input_pipeline_id
+        # Training reads the files of a multi-file source (TFDS) in a shuffled order, as the reference does, so
+        # that epochs do not walk the files in one order and meet the same neighbours in the shuffle buffer.
+        dataset = source.as_dataset("train" if training else "eval", ctx, shuffle_files=training,
+                                    seed=pipeline_seed)
         if cache_dataset:
             dataset = dataset.cache()
         if not training:
@@ -126,8 +130,15 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
             dataset = dataset.shuffle(buffer).repeat()
             dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random()))
         else:
-            dataset = _replayable_stream(dataset, buffer, seed * _PIPELINE_SEED_STRIDE + ctx.input_pipeline_id,
-                                         start_element=start_step * per_replica)
+            # Each step takes a batch for every replica this pipeline feeds (several when one host drives
+            # several devices), so that is how far `start_step` steps moved the stream.
+            replicas_fed = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            # Each epoch re-reads a multi-file source with a file order of its own; a cache is filled once, so
+            # its file order is the one above for every epoch.
+            reread = (None if source.make_file_shuffled is None or cache_dataset else
+                      lambda files_seed: source.as_dataset("train", ctx, shuffle_files=True, seed=files_seed))
+            dataset = _replayable_stream(dataset, buffer, pipeline_seed,
+                                         start_element=start_step * per_replica * replicas_fed, reread=reread)
 
         # Stage 1 leaves views in the source's value range; stage 2 rescales them in its first fused pass.
         stage2 = augmenter(ops.input_scale(dataset.element_spec[0][0].dtype))
@@ -159,14 +170,16 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
     return input_fn
 
 
-def _replayable_stream(dataset: tf.data.Dataset, buffer: int, seed: int,
-                       start_element: int) -> tf.data.Dataset:
+def _replayable_stream(dataset: tf.data.Dataset, buffer: int, seed: int, start_element: int,
+                       reread: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None) -> tf.data.Dataset:
     """(example, key) pairs whose order and keys depend only on (seed, element position).
 
     Epoch e is shuffled with its own seed and the same order every time, and each element's random key is
     derived from its position in the stream, so a resumed run skips into the current epoch and continues with
     exactly the batches (and augmentations) the uninterrupted run would have drawn. Resuming re-reads at most
-    one epoch of (undecoded, unaugmented) examples.
+    one epoch of (undecoded, unaugmented) examples. With `reread` (files seed -> the same examples as
+    `dataset`, files in that seed's order), epoch e reads its examples through it with a files seed drawn from
+    (seed, e), so the file order too changes per epoch and is the same whenever the epoch is replayed.
     """
     size = int(dataset.cardinality())
     if size <= 0:  # unknown or infinite length: fall back to a fresh stream seeded by the position
@@ -174,7 +187,7 @@ def _replayable_stream(dataset: tf.data.Dataset, buffer: int, seed: int,
     else:
         first_epoch, offset = divmod(start_element, size)
         epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
-        stream = epochs.flat_map(lambda e: _epoch(dataset, buffer, seed, e)).skip(offset)
+        stream = epochs.flat_map(lambda e: _epoch(dataset, buffer, seed, e, reread)).skip(offset)
     positions = tf.data.Dataset.counter(start=start_element)
     keys = positions.map(lambda i: tf.random.stateless_uniform(
         [], seed=tf.stack([tf.constant(seed, tf.int64), i]), minval=None, dtype=tf.int64))
@@ -184,8 +197,10 @@ def _replayable_stream(dataset: tf.data.Dataset, buffer: int, seed: int,
 _EPOCH_GRAPH_SEED = 20200213  # any non-zero constant
 
 
-def _epoch(dataset: tf.data.Dataset, buffer: int, seed: int, epoch: tf.Tensor) -> tf.data.Dataset:
-    """One pass over `dataset` in the order fixed by (seed, epoch)."""
+def _epoch(dataset: tf.data.Dataset, buffer: int, seed: int, epoch: tf.Tensor,
+           reread: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None) -> tf.data.Dataset:
+    """One pass over `dataset` (read through `reread`, files in this epoch's order, if given) in the order
+    fixed by (seed, epoch)."""
     epoch_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
                                              minval=None, dtype=tf.int64)
     # tf.data pairs a tensor op seed with the graph seed and then compares the pair with (0, 0) in Python,
@@ -194,7 +209,39 @@ def _epoch(dataset: tf.data.Dataset, buffer: int, seed: int, epoch: tf.Tensor) -
     graph = tf.compat.v1.get_default_graph()
     if not tf.executing_eagerly():
         graph.seed = _EPOCH_GRAPH_SEED
+    if reread is not None:  # after the graph seed: the file shuffle is seeded by a tensor too
+        # A key apart from the example shuffle's, so the two shuffles draw independent numbers.
+        files_seed = tf.random.stateless_uniform([], seed=tf.stack([epoch_seed, tf.constant(1, tf.int64)]),
+                                                 minval=None, dtype=tf.int64)
+        dataset = reread(files_seed)
     return dataset.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+
+def view_sample(source: DataSource, augment: AugmentConfig, n: int, seed: Optional[int] = None) -> tf.Tensor:
+    """The pretraining view pairs `float32 [n, S, S, 6]` of the first `n` training examples, for a look at what
+    the model sees.
+
+    They go through the training pipeline itself, but restricted to those `n` examples (read once and cached)
+    with a batch of `n`, so time and memory do not depend on the training batch or its shuffle buffer.
+
+    Args:
+        source: the data; its train split's first examples, in the source's fixed order, are drawn.
+        augment: view size and augmentation settings of pretraining.
+        n: how many examples (repeated when the train split has fewer).
+        seed: seed of the views; None: nondeterministic.
+    """
+    def make_dataset(split_kind: SplitKind, input_context: Optional[tf.distribute.InputContext] = None
+                     ) -> tf.data.Dataset:
+        return source.as_dataset("train").take(n)
+
+    sample = DataSource(name=source.name, train_split=source.train_split, eval_split=source.train_split,
+                        num_train=min(n, source.num_train), num_eval=0, num_classes=source.num_classes,
+                        eval_has_labels=False, make_dataset=make_dataset)
+    input_fn = build_input_fn(sample, mode="pretrain", global_batch_size=n, augment=augment, cache_dataset=True,
+                              seed=seed)
+    for images, _ in input_fn(None).take(1):
+        return images
+    raise ValueError(f"view_sample: the train split of {source.name} has no examples")
 
 
 def view_grid(images: tf.Tensor, n: int) -> tf.Tensor:

@@ -3,7 +3,8 @@
 Every source is a `DataSource` whose `as_dataset(split_kind, input_context)` returns an unbatched, unshuffled,
 non-repeated `tf.data.Dataset` of `(image uint8 [H, W, 3], label int64)`; grayscale images are tiled to RGB and
 the label is -1 when the split has none. `num_train`, `num_eval` and `num_classes` are known before any
-image is read.
+image is read. Training reads pass `shuffle_files=True` (and the pipeline's seed): a TFDS split then reads its
+files in a shuffled order, seeded or new on every pass; the other sources ignore it.
 
 `--dataset` forms (see `build_source`):
 

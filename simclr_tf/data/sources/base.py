@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import tensorflow as tf
 
 from simclr_tf.errors import UsageError
 
 SplitKind = Literal["train", "eval"]
+# A file-order seed: a Python int, or a scalar int64 tensor (drawn per epoch inside a tf.data function).
+FileSeed = Union[int, tf.Tensor]
 
 EMBEDDED_DATASET = "mnist_5k"
 DIGITS_DATASET = "digits"
@@ -24,6 +26,10 @@ class DataSource:
     With an `input_context` the dataset is already sharded for that input pipeline.
     `image_shape` is `(H, W, 3)` when every image of both splits has that shape, else None.
     `skipped_files` lists the folder-source files that could not be decoded and were left out.
+    `make_file_shuffled(split_kind, input_context, seed)`, for sources stored in several files (TFDS), is
+    `make_dataset` with the files read in a random order (training reads, `as_dataset(shuffle_files=True)`);
+    None for the others, whose training order comes from the pipeline's example shuffle alone. A source made
+    from another with `make_dataset` replaced must replace (or drop) this too.
     """
 
     name: str
@@ -36,9 +42,24 @@ class DataSource:
     make_dataset: Callable[[SplitKind, Optional[tf.distribute.InputContext]], tf.data.Dataset]
     image_shape: Optional[tuple[int, int, int]] = None
     skipped_files: tuple[str, ...] = ()
+    make_file_shuffled: Optional[Callable[[SplitKind, Optional[tf.distribute.InputContext], Optional[FileSeed]],
+                                          tf.data.Dataset]] = None
 
-    def as_dataset(self, split_kind: SplitKind,
-                   input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+    def as_dataset(self, split_kind: SplitKind, input_context: Optional[tf.distribute.InputContext] = None, *,
+                   shuffle_files: bool = False, seed: Optional[FileSeed] = None) -> tf.data.Dataset:
+        """The split's examples, in the source's fixed order unless `shuffle_files`.
+
+        Args:
+            split_kind: "train" or "eval".
+            input_context: this input pipeline's part of the split; None: all of it.
+            shuffle_files: read the files of a multi-file source in a random order (as the reference does for
+                training), so that successive epochs do not walk the same files in the same order; sources
+                without files to shuffle ignore it.
+            seed: with `shuffle_files`, the file order: the same on every pass over the returned dataset for a
+                given seed (a replayed epoch reads the files as before); None: a new order on every pass.
+        """
+        if shuffle_files and self.make_file_shuffled is not None:
+            return self.make_file_shuffled(split_kind, input_context, seed)
         return self.make_dataset(split_kind, input_context)
 
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from simclr_tf.data.sources.base import DIGITS_DATASET, EMBEDDED_DATASET, DataSource, SplitKind, to_rgb
+from simclr_tf.data.sources.base import (DIGITS_DATASET, EMBEDDED_DATASET, DataSource, FileSeed, SplitKind,
+                                         to_rgb)
 from simclr_tf.data.sources.splits import SPLIT_FLAG, resolve_split
 from simclr_tf.errors import UsageError, first_line
 
@@ -57,22 +58,41 @@ def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split
     if len(feature_shape) == 3 and None not in feature_shape:
         image_shape = (int(feature_shape[0]), int(feature_shape[1]), 3)
 
-    def make_dataset(split_kind: SplitKind,
-                     input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+    # Not converted by AutoGraph: the pipeline may call this inside a tf.data function (one read per epoch), and
+    # there is no tensor control flow here, only TFDS's reader, which AutoGraph cannot convert (wrapt).
+    @tf.autograph.experimental.do_not_convert
+    def read(split_kind: SplitKind, input_context: Optional[tf.distribute.InputContext], shuffle_files: bool,
+             seed: Optional[FileSeed]) -> tf.data.Dataset:
         pipelines = input_context.num_input_pipelines if input_context is not None else 1
         by_file = pipelines > 1 and num_files[split_kind] >= pipelines
-        read_config = tfds.ReadConfig(input_context=input_context if by_file else None)
+        # Dataset.shard below takes every n-th example of one stream in every pipeline, which needs the same
+        # file order everywhere: only a pipeline that reads files of its own may shuffle them.
+        shuffle_files = shuffle_files and (pipelines == 1 or by_file)
+        read_config = tfds.ReadConfig(
+            input_context=input_context if by_file else None,
+            shuffle_seed=seed if shuffle_files else None,
+            # Seeded: one order for every pass over this dataset, so a replayed epoch reads the files as it did
+            # (the pipeline varies the seed per epoch). Unseeded: TF's default, a new order on every pass.
+            shuffle_reshuffle_each_iteration=False if shuffle_files and seed is not None else None)
         ds = builder.as_dataset(split=train_split if split_kind == "train" else eval_split,
-                                shuffle_files=False, read_config=read_config)
+                                shuffle_files=shuffle_files, read_config=read_config)
         if pipelines > 1 and not by_file:
             ds = ds.shard(pipelines, input_context.input_pipeline_id)
         return ds.map(lambda example: (to_rgb(example[image_key]), tf.cast(example[label_key], tf.int64)),
                       num_parallel_calls=tf.data.AUTOTUNE)
 
+    def make_dataset(split_kind: SplitKind,
+                     input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        return read(split_kind, input_context, shuffle_files=False, seed=None)
+
+    def make_file_shuffled(split_kind: SplitKind, input_context: Optional[tf.distribute.InputContext] = None,
+                           seed: Optional[FileSeed] = None) -> tf.data.Dataset:
+        return read(split_kind, input_context, shuffle_files=True, seed=seed)
+
     return DataSource(
         name=name, train_split=train_split, eval_split=eval_split, num_train=counts["train"],
         num_eval=counts["eval"], num_classes=info.features[label_key].num_classes, eval_has_labels=True,
-        make_dataset=make_dataset,
+        make_dataset=make_dataset, make_file_shuffled=make_file_shuffled,
         image_shape=image_shape)
 
 
