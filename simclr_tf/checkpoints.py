@@ -221,13 +221,18 @@ def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
     return latest
 
 
+def last_complete(manager: tf.train.CheckpointManager) -> str:
+    """The newest complete checkpoint, as error messages name it."""
+    return manager.latest_checkpoint or "none (no checkpoint was written yet)"
+
+
 def save_if_finite(manager: tf.train.CheckpointManager, step: int, variables: list) -> None:
     """Saves checkpoint `step`, unless one of `variables` holds NaN/Inf or the directory cannot be written.
 
     Raises NonFiniteLossError or UsageError (naming --model_dir); either way the last complete checkpoint is
     untouched.
     """
-    last = manager.latest_checkpoint or "none (no checkpoint was written yet)"
+    last = last_complete(manager)
     # A finite loss can still leave Inf behind (BN moving statistics, an overflowing update), and the loss
     # check only sees it one step later: never let such weights become a checkpoint.
     bad = first_non_finite(variables)

@@ -126,9 +126,8 @@ class Trainer:
             self._loop_fn = _build_loop_fn(self.strategy, self._step_fn(), self.global_step)
         means, bad_step = self._loop_fn(batches, tf.constant(num_steps))
         if int(bad_step) >= 0:
-            last = self.manager.latest_checkpoint or "none (no checkpoint was written yet)"
             raise NonFiniteLossError(f"non-finite loss at step {int(bad_step)}; training stopped without "
-                                     f"saving. Last good checkpoint: {last}")
+                                     f"saving. Last good checkpoint: {ckpt_lib.last_complete(self.manager)}")
         return {k: float(v) for k, v in means.items()}
 
     def request_stop(self) -> None:
