@@ -7,6 +7,8 @@ existing commands and flagfiles keep working. Deliberate differences (documented
 * `--use_tpu` keeps its default True but means "use a TPU when one is present"; only an explicit
   `--use_tpu=true` demands a TPU. The strategy otherwise follows the hardware (`--strategy=auto`).
 * `--train_mode` also accepts `distill`.
+* `--eval_split` keeps its default `validation`, but left at it, a dataset without that split (npz, folder and
+  embedded datasets) is evaluated on its `test` split; a run that evaluates nothing needs no eval split.
 
 Everything below this module takes explicit arguments (or this dataclass), never FLAGS.
 """
@@ -27,6 +29,9 @@ from simclr_tf.sections import (AugmentConfig, ContrastConfig, DistillConfig, Mo
                                 ScheduleConfig, section_from)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "tpu", "multi_worker")
+# The official default of --eval_split. Left at it, a dataset without this split is evaluated on its `test`
+# split instead (app.prepare), since npz, folder and embedded datasets have no `validation`.
+DEFAULT_EVAL_SPLIT = "validation"
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -50,7 +55,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("checkpoint_epochs", 1, "Number of epochs between checkpoints/summaries.", **f)
     flags.DEFINE_integer("checkpoint_steps", 0, "Number of steps between checkpoints/summaries. "
                          "If provided, overrides checkpoint_epochs.", **f)
-    flags.DEFINE_string("eval_split", "validation", "Split for evaluation.", **f)
+    flags.DEFINE_string("eval_split", DEFAULT_EVAL_SPLIT, "Split for evaluation. Left at its default, a dataset "
+                        "without a 'validation' split is evaluated on its 'test' split.", **f)
     flags.DEFINE_string("dataset", "imagenet2012", "Name of a TFDS dataset, folder:PATH, npz:PATH, or the "
                         "embedded default (see README).", **f)
     flags.DEFINE_bool("cache_dataset", False, "Whether to cache the entire decoded dataset in memory.", **f)
@@ -113,6 +119,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "(sync BN, NT-Xent gather, gradient all-reduce).", **f)
     flags.DEFINE_bool("mixed_precision", False, "mixed_bfloat16 on TPU, mixed_float16 on GPU; the loss stays "
                       "float32.", **f)
+    flags.DEFINE_string("eval_dataset", None, "A labelled dataset (same forms as --dataset) for evaluation and "
+                        "the kNN monitor, e.g. while pretraining on unlabelled images: its 'train' split is the kNN "
+                        "memory, --eval_split its held-out split. Default: --dataset.", **f)
     flags.DEFINE_integer("knn_every_steps", 0, "Run the weighted-kNN monitor every N training steps (0: off).", **f)
     flags.DEFINE_integer("knn_k", 200, "Neighbours of the kNN monitor.", **f)
     flags.DEFINE_float("knn_temperature", 0.1, "Temperature of the kNN monitor's weights.", **f)
@@ -145,7 +154,7 @@ class Config:
     eval_batch_size: int = 256
     checkpoint_epochs: int = 1
     checkpoint_steps: int = 0
-    eval_split: str = "validation"
+    eval_split: str = DEFAULT_EVAL_SPLIT
     dataset: str = "imagenet2012"
     cache_dataset: bool = False
     mode: str = "train"
@@ -187,6 +196,7 @@ class Config:
     steps_per_loop: int = 0
     jit_compile: bool = False
     mixed_precision: bool = False
+    eval_dataset: Optional[str] = None
     knn_every_steps: int = 0
     knn_k: int = 200
     knn_temperature: float = 0.1
@@ -199,9 +209,18 @@ class Config:
     distill_alpha: float = 0.0
     # True only when the user typed --use_tpu=true (absl cannot tell an explicit default from no flag).
     use_tpu_explicit: bool = False
+    # True when the user typed --eval_split (even =validation): that split or an error, never a substitute.
+    # False (flag absent, or a Config built in code) still means "exactly this split" for any value other than
+    # the default; see `eval_split_named`.
+    eval_split_explicit: bool = False
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def eval_split_named(self) -> bool:
+        """Whether --eval_split names the split to use; False: the default, which may fall back to `test`."""
+        return self.eval_split_explicit or self.eval_split != DEFAULT_EVAL_SPLIT
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -306,10 +325,11 @@ def checkpoint_exists(path: str) -> bool:
 
 def from_flags(fv: flags.FlagValues = flags.FLAGS) -> Config:
     """Reads the parsed flags into a validated Config."""
-    names = {f.name for f in dataclasses.fields(Config)} - {"use_tpu_explicit"}
+    names = {f.name for f in dataclasses.fields(Config)} - {"use_tpu_explicit", "eval_split_explicit"}
     values = {name: fv[name].value for name in names}
     values["width_multiplier"] = float(values["width_multiplier"])
     values["use_tpu_explicit"] = bool(fv["use_tpu"].present and fv["use_tpu"].value)
+    values["eval_split_explicit"] = bool(fv["eval_split"].present)
     return validate(Config(**values))
 
 

@@ -19,7 +19,10 @@ folders under one base path) holding:
   with every layer trainable and no stop-gradient, whatever the training mode.
 * `encoder.keras`: the same network as a Keras 3 file (`keras.saving.load_model(path)` after
   `import simclr_tf`), returning the dict of `SimCLRModel.call`.
-* `image_size` (int) and `num_classes` (int, 0 without a supervised head) as attributes of the loaded object.
+* `image_size` (int) and `num_classes` (int, 0 without a supervised head) as attributes of the loaded object,
+  and `class_names` (string [num_classes]: the label of each class, as the dataset names them; empty when the
+  dataset does not, or the model has no supervised head). Exports written before it have no `class_names`;
+  `exported_class_names(loaded)` reads both.
 
 The export is atomic: everything is written to a temporary folder next to the final one, reloaded and run
 once, and only then renamed into place; old exports beyond `keep` are deleted after that. If anything fails,
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -101,7 +104,7 @@ class ExportModule(tf.Module):
     variables = None
     trainable_variables = None
 
-    def __init__(self, model: SimCLRModel, image_size: int) -> None:
+    def __init__(self, model: SimCLRModel, image_size: int, class_names: Sequence[str] = ()) -> None:
         super().__init__(name="simclr_export")
         self.model = model
         self.trainable_variables_list = [v.value for v in model.trainable_variables]
@@ -112,6 +115,9 @@ class ExportModule(tf.Module):
         self.image_size = tf.Variable(image_size, dtype=tf.int32, trainable=False, name="image_size")
         self.num_classes = tf.Variable(int(model.num_classes or 0), dtype=tf.int32, trainable=False,
                                        name="num_classes")
+        # A variable like the two above (a plain tensor attribute is not saved); shape [0] when unknown.
+        self.class_names = tf.Variable(tf.constant(list(class_names), dtype=tf.string, shape=[len(class_names)]),
+                                       trainable=False, name="class_names")
         size = image_size
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
@@ -154,12 +160,28 @@ class ExportModule(tf.Module):
                 "serving_float": self.serving_float.get_concrete_function()}
 
 
-def export_model(model: SimCLRModel, *, model_dir: str, step: int, image_size: int, keep: int) -> str:
+def export_model(model: SimCLRModel, *, model_dir: str, step: int, image_size: int, keep: int,
+                 class_names: Optional[Sequence[str]] = None) -> str:
     """Writes `model_dir/saved_model/<step>/` atomically and keeps the `keep` newest exports (0: all).
 
-    Returns the final directory. Raises (leaving earlier exports as they were) if the reloaded SavedModel
-    does not reproduce the model.
+    Args:
+        model: the model to export (a single-device copy of it is saved).
+        model_dir: the run's folder; the export goes to its `saved_model/<step>/`.
+        step: the training step, the export's version number.
+        image_size: the side of the images `serving_float` takes and `serving_default` resizes to.
+        keep: how many exports to keep, newest first (0: all).
+        class_names: the label of each class of the supervised head, stored as `class_names`; None: unknown.
+            Ignored for a model without a supervised head (there are no classes to name).
+
+    Returns:
+        The final directory.
+
+    Raises:
+        ValueError: `class_names` does not name every class of the head.
+        RuntimeError: the reloaded SavedModel does not reproduce the model (earlier exports are left as they
+            were).
     """
+    names = _checked_class_names(model, class_names)
     base = os.path.join(model_dir, EXPORT_SUBDIR)
     tf.io.gfile.makedirs(base)
     final = os.path.join(base, str(int(step)))
@@ -167,10 +189,10 @@ def export_model(model: SimCLRModel, *, model_dir: str, step: int, image_size: i
     tmp = os.path.join(base, f".tmp-{int(step)}-{uuid.uuid4().hex[:8]}")
     try:
         copy = export_copy(model)
-        module = ExportModule(copy, image_size)
+        module = ExportModule(copy, image_size, names)
         tf.saved_model.save(module, tmp, signatures=module.signatures())
         copy.save(os.path.join(tmp, KERAS_FILENAME))
-        _verify(tmp, copy, image_size)
+        _verify(tmp, copy, image_size, names)
         if tf.io.gfile.exists(final):  # re-export of the same step: swap, then drop the old one
             old = f"{tmp}-old"
             tf.io.gfile.rename(final, old)
@@ -185,8 +207,33 @@ def export_model(model: SimCLRModel, *, model_dir: str, step: int, image_size: i
     return final
 
 
-def _verify(path: str, model: SimCLRModel, image_size: int) -> None:
+def _checked_class_names(model: SimCLRModel, class_names: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    num_classes = int(model.num_classes or 0)
+    if not class_names or num_classes == 0:
+        return ()
+    names = tuple(str(name) for name in class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"class_names: {len(names)} names for a supervised head of {num_classes} classes")
+    return names
+
+
+def exported_class_names(loaded) -> Tuple[str, ...]:
+    """The class names stored in a loaded export; empty when it has none (unknown, or an older export).
+
+    Args:
+        loaded: `tf.saved_model.load` of an export.
+    """
+    stored = getattr(loaded, "class_names", None)
+    if stored is None:
+        return ()
+    return tuple(name.decode("utf-8") for name in stored.numpy().tolist())
+
+
+def _verify(path: str, model: SimCLRModel, image_size: int, class_names: Tuple[str, ...] = ()) -> None:
     loaded = tf.saved_model.load(path)
+    if exported_class_names(loaded) != class_names:
+        raise RuntimeError(f"export verification failed: reloaded class_names {exported_class_names(loaded)} "
+                           f"differ from {class_names}; nothing was exported")
     images = tf.random.stateless_uniform([2, image_size, image_size, 3], seed=[1, 2])
     got = loaded.signatures["serving_float"](images=images)
     want = _outputs(model, images, False)

@@ -37,18 +37,30 @@ class Progress:
         self.start_time = time.monotonic()
 
     def chunk_done(self, step: int, metrics: Dict[str, float], num_steps: int, seconds: float,
-                   learning_rate: float) -> None:
-        """Reports `num_steps` steps that ended at `step` and took `seconds`."""
+                   learning_rate: float, skipped: int = 0) -> None:
+        """Reports `num_steps` steps that ended at `step` and took `seconds`.
+
+        Args:
+            step: the global step after the chunk.
+            metrics: the chunk's mean metrics.
+            num_steps: steps in the chunk.
+            seconds: the chunk's wall time.
+            learning_rate: the current learning rate.
+            skipped: unreadable image files skipped so far by this process's input pipelines.
+        """
         with self.writer.as_default(step=step):
             for k, v in metrics.items():
                 tf.summary.scalar(f"train/{k}", v)
             tf.summary.scalar("train/learning_rate", learning_rate)
+            if skipped:
+                tf.summary.scalar("data/skipped_images", skipped)
         images_per_s = num_steps * self.batch / max(seconds, 1e-9)
         elapsed = time.monotonic() - self.start_time
         eta = elapsed / max(step - self.start_step, 1) * (self.total - step)
         shown = " ".join(f"{k} {metrics[k]:.4f}" for k in _SHOWN if k in metrics)
         self.log(f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) {shown} lr {learning_rate:.4g} | "
-                 f"{images_per_s:.1f} img/s | ETA {format_seconds(eta)}")
+                 f"{images_per_s:.1f} img/s | ETA {format_seconds(eta)}"
+                 + (f" | {skipped} unreadable image(s) skipped" if skipped else ""))
 
 
 def write_view_sample(writer: tf.summary.SummaryWriter, source: DataSource, augment: AugmentConfig, step: int,

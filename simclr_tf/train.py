@@ -25,6 +25,7 @@ from simclr_tf import knn, optimizers, progress, schedules, tasks, xla
 from simclr_tf.config import Config
 from simclr_tf.data import pipeline
 from simclr_tf.data.sources import DataSource
+from simclr_tf.data.sources.decoding import SkippedImages
 from simclr_tf.errors import NonFiniteLossError
 from simclr_tf.files import write_text_atomically
 from simclr_tf.models import build_model, mixed_precision_policy
@@ -44,11 +45,14 @@ class Trainer:
         source: the data (its size fixes the schedule; its class count the supervised head).
         teacher: images -> logits of the frozen teacher (distillation only).
         log: where progress lines go.
+        eval_source: the labelled data of the kNN monitor (`--eval_dataset`); None: `source`.
     """
 
     def __init__(self, config: Config, strategy: tf.distribute.Strategy, source: DataSource,
-                 teacher: Optional[Callable] = None, log: Callable[[str], None] = print) -> None:
+                 teacher: Optional[Callable] = None, log: Callable[[str], None] = print,
+                 eval_source: Optional[DataSource] = None) -> None:
         self.config, self.strategy, self.source, self.log = config, strategy, source, log
+        self.eval_source = source if eval_source is None else eval_source
         self.schedule = schedules.Schedule.from_config(config.schedule, source.num_train)
         self.model = build_model(config.model, source.num_classes, strategy,
                                  mixed_precision=config.mixed_precision)
@@ -75,6 +79,9 @@ class Trainer:
                                                   max_to_keep=config.keep_checkpoint_max if self.is_chief else 1)
         self.writer = (tf.summary.create_file_writer(config.model_dir) if self.is_chief
                        else tf.summary.create_noop_writer())
+        # Image files that fail to decode are skipped when read; each input pipeline lists them in model_dir
+        # (a local one: remote stores cannot append), where a resumed run reads them back.
+        self.skipped = SkippedImages(None if "://" in config.model_dir else config.model_dir)
         self._loop_fn = None
         # Set by SIGTERM (preemption) or request_stop(): the loop finishes its chunk of steps, saves, returns.
         self._stop = threading.Event()
@@ -148,7 +155,7 @@ class Trainer:
             return {}
         input_fn = pipeline.build_input_fn(
             self.source, mode=cfg.train_mode, global_batch_size=cfg.train_batch_size, augment=cfg.augment,
-            cache_dataset=cfg.cache_dataset, seed=cfg.seed, start_step=step)
+            cache_dataset=cfg.cache_dataset, seed=cfg.seed, start_step=step, skipped=self.skipped)
         iterator = iter(self.strategy.distribute_datasets_from_function(input_fn))
         self.log(f"training {cfg.train_mode} from step {step} to {sch.train_steps} "
                  f"(batch {cfg.train_batch_size}, {self.strategy.num_replicas_in_sync} replica(s), "
@@ -160,7 +167,7 @@ class Trainer:
         shown = progress.Progress(self.writer, sch.train_steps, cfg.train_batch_size, self.log, step)
         knn_every = cfg.knn_every_steps
         knn_monitor = knn.make_monitor(  # weighted kNN top-1 of h, logged as knn/top1
-            self.model, self.source, image_size=cfg.image_size, batch_size=cfg.eval_batch_size, k=cfg.knn_k,
+            self.model, self.eval_source, image_size=cfg.image_size, batch_size=cfg.eval_batch_size, k=cfg.knn_k,
             temperature=cfg.knn_temperature, strategy=self.strategy, writer=self.writer,
             log=self.log) if knn_every > 0 else None
         metrics: Dict[str, float] = {}
@@ -170,7 +177,8 @@ class Trainer:
             metrics = self.run_steps(iterator, n)
             step = int(self.global_step.numpy())
             if self.is_chief:
-                shown.chunk_done(step, metrics, n, time.monotonic() - t0, optimizers.current_learning_rate(self.optimizer))
+                shown.chunk_done(step, metrics, n, time.monotonic() - t0,
+                                 optimizers.current_learning_rate(self.optimizer), skipped=self.skipped.count)
             if sch.is_time(step, sch.checkpoint_steps):
                 self._save(step)
                 if on_checkpoint is not None:

@@ -106,6 +106,7 @@ def test_image_folder_formats_sizes_and_corrupt_files(work, caplog):
 
     from simclr_tf.data import pipeline
     from simclr_tf.data.sources import build_source
+    from simclr_tf.data.sources.decoding import SkippedFiles
     from simclr_tf.errors import UsageError
     from simclr_tf.sections import AugmentConfig
 
@@ -141,16 +142,18 @@ def test_image_folder_formats_sizes_and_corrupt_files(work, caplog):
     for rel, data in bad.items():
         (root / "train" / rel).write_bytes(data)
 
+    source = build_source(f"folder:{root}", None, "train", "test")
+    skipped = SkippedFiles()
     with caplog.at_level("WARNING"):
-        source = build_source(f"folder:{root}", None, "train", "test")
+        examples = list(source.as_dataset("train", skipped=skipped))  # decoded (and skipped) when read
     with fault("corrupt, truncated, empty and non-image files in an image folder"):
-        assert sorted(os.path.relpath(f, root / "train") for f in source.skipped_files) == sorted(bad)
+        assert sorted(os.path.relpath(f, root / "train") for f in skipped.names) == sorted(bad)
         warned = " ".join(r.getMessage() for r in caplog.records)
         assert all(os.path.basename(rel) in warned for rel in bad), warned
-        assert source.num_train == len(classes)
+        assert len(examples) == len(classes) and source.num_train == len(classes) + len(bad)
 
     decoded = {}
-    for image, label in source.as_dataset("train"):
+    for image, label in examples:
         decoded[sorted(classes)[int(label)]] = image.numpy()
     for name, title in (("a_gray", "grayscale PNG"), ("b_rgba", "RGBA PNG"), ("c_palette", "palette PNG"),
                         ("d_gray16", "16-bit grayscale PNG"), ("e_rgb16", "16-bit RGB PNG")):

@@ -154,3 +154,20 @@ def test_trainer_learning_rate_is_a_function_of_the_global_step(tmp_path):
         assert int(trainer.optimizer.iterations) == 0
         assert optimizers.current_learning_rate(trainer.optimizer) == pytest.approx(
             _closed_form_rate(sch.learning_rate, sch.warmup_steps, sch.train_steps, k), rel=1e-5, abs=1e-9)
+
+
+def test_warmup_warning_only_when_warmup_outlasts_the_run():
+    from simclr_tf.app import warmup_warning
+    from simclr_tf.config import Config
+
+    # The case: 240,000 images, batch 512, one epoch = 469 steps under 10 warmup epochs = 4,687 steps.
+    one_epoch = Config(train_epochs=1, train_batch_size=512)
+    line = warmup_warning(one_epoch, 240_000)
+    assert line is not None and "--warmup_epochs" in line and "4687 warmup steps" in line and \
+        "469 training steps" in line, line
+    assert warmup_warning(one_epoch.replace(warmup_epochs=0), 240_000) is None
+    assert warmup_warning(one_epoch.replace(warmup_epochs=0.5), 240_000) is None  # 234 of 469 steps
+    assert warmup_warning(Config(train_batch_size=512), 240_000) is None  # 100 epochs
+    # The peak is first reached at step == warmup steps, so a run of exactly that many steps never reaches it.
+    assert warmup_warning(one_epoch.replace(train_steps=4687), 240_000) is not None
+    assert warmup_warning(one_epoch.replace(train_steps=4688), 240_000) is None

@@ -14,6 +14,7 @@ from PIL import Image
 
 from simclr_tf.data import pipeline, sources
 from simclr_tf.data.sources import EMBEDDED_DATASET, build_source
+from simclr_tf.data.sources.decoding import SkippedFiles
 from simclr_tf.errors import UsageError
 from simclr_tf.sections import AugmentConfig
 
@@ -105,17 +106,21 @@ def _check_decoded(items, expected):
         assert diff <= tolerance, (image.shape, pixel, image[0, 0])
 
 
-def test_folder_source_counts_labels_and_skipped_files(image_folder, caplog):
+def test_folder_source_counts_labels_and_skipped_files(image_folder, caplog, tmp_path):
     root, expected = image_folder
-    with caplog.at_level(logging.WARNING):
-        source = build_source(f"folder:{root}", None, "train", "val")
-    assert (source.num_train, source.num_eval, source.num_classes) == (10, 3, 3)
-    assert source.eval_has_labels
+    source = build_source(f"folder:{root}", None, "train", "val")
+    # Nothing is decoded at start: the two unreadable train files are listed, and skipped when read.
+    assert (source.num_train, source.num_eval, source.num_classes) == (12, 3, 3)
+    assert source.eval_has_labels and source.class_names == ("cat", "dog", "eel")
     assert source.image_shape is None  # every image has its own size
-    assert sorted(os.path.basename(f) for f in source.skipped_files) == ["corrupt.jpg", "truncated.jpg"]
-    assert any("skipped 2" in r.getMessage() and "corrupt.jpg" in r.getMessage() for r in caplog.records)
+    skipped = SkippedFiles(str(tmp_path / "skipped.tsv"))
+    with caplog.at_level(logging.WARNING):
+        train = list(source.as_dataset("train", skipped=skipped).as_numpy_iterator())
+    assert skipped.count == 2
+    listed = (tmp_path / "skipped.tsv").read_text().splitlines()[1:]
+    assert sorted(os.path.basename(line.split("\t")[1]) for line in listed) == ["corrupt.jpg", "truncated.jpg"]
+    assert sum("corrupt.jpg" in r.getMessage() for r in caplog.records) == 1
 
-    train = _items(source, "train")
     assert len(train) == 10
     assert sorted(im.shape[:2] for im, _ in train) == sorted(k for k, v in expected.items() if v[0] == "train")
     _check_decoded(train, expected)
@@ -129,13 +134,14 @@ def test_folder_source_counts_labels_and_skipped_files(image_folder, caplog):
 def test_folder_source_unlabelled_eval_slices_and_errors(image_folder):
     root, expected = image_folder
     source = build_source(f"folder:{root}", None, "train[:30%]", "unlabelled")
-    assert (source.num_train, source.num_eval, source.eval_has_labels) == (3, 2, False)
+    # 30% of the 12 listed train files (2 of them unreadable, skipped when read).
+    assert (source.num_train, source.num_eval, source.eval_has_labels) == (4, 2, False)
     evaluation = _items(source, "eval")
     assert [label for _, label in evaluation] == [-1, -1]
     _check_decoded(evaluation, expected)
     head = _items(source, "train")
     tail = _items(build_source(f"folder:{root}", None, "train[30%:]", "val"), "train")
-    assert len(tail) == 7
+    assert len(head) + len(tail) == 10
     assert sorted(im.shape for im, _ in head + tail) == sorted(im.shape for im, _ in _items(
         build_source(f"folder:{root}", None, "train", "val"), "train"))
 
@@ -186,7 +192,8 @@ def test_folder_source_shards_are_disjoint_and_cover(image_folder):
     source = build_source(f"folder:{root}", None, "train", "val")
     everything = sorted(im.shape for im, _ in _items(source, "train"))
     shards = [sorted(im.shape for im, _ in _items(source, "train", ctx)) for ctx in _contexts(3)]
-    assert [len(s) for s in shards] == [4, 3, 3]
+    # The 12 listed files are sharded 4/4/4 before reading; the 2 unreadable ones drop out of their shards.
+    assert sum(len(s) for s in shards) == 10 and all(2 <= len(s) <= 4 for s in shards)
     assert sorted(sum(shards, [])) == everything  # shapes are unique, so this is disjoint and covering
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from simclr_tf.data import augment as augment_lib
 from simclr_tf.data import ops
 from simclr_tf.data.sources import DataSource, SplitKind
+from simclr_tf.data.sources.decoding import SkippedImages, decode_skipping
 from simclr_tf.errors import UsageError
 from simclr_tf.sections import AugmentConfig
 
@@ -71,7 +72,8 @@ def _per_replica_batch(ctx: tf.distribute.InputContext, global_batch_size: int, 
 
 def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, augment: AugmentConfig,
                    cache_dataset: bool = False, seed: Optional[int] = None,
-                   drop_remainder: Optional[bool] = None, start_step: int = 0) -> InputFn:
+                   drop_remainder: Optional[bool] = None, start_step: int = 0,
+                   skipped: Optional[SkippedImages] = None) -> InputFn:
     """Input function for `mode`; call it with the `InputContext` of `distribute_datasets_from_function`.
 
     Pretrain yields `(float32 [b, S, S, 6], labels)` (two independent views on the channel axis);
@@ -91,6 +93,8 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
         seed: None: nondeterministic; else training batches depend only on (seed, step).
         drop_remainder: None: True for training, False for eval.
         start_step: with a seed, the step whose batch comes first.
+        skipped: where training counts and lists the files it could not decode (and a resumed run finds how
+            many it skipped before `start_step`); None: they are only logged.
     """
     _check_args(mode, global_batch_size, seed)
     image_size = augment.image_size
@@ -114,31 +118,53 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
         ctx = input_context or tf.distribute.InputContext()
         per_replica = _per_replica_batch(ctx, global_batch_size, mode)
         pipeline_seed = None if seed is None else seed * _PIPELINE_SEED_STRIDE + ctx.input_pipeline_id
-        # Training reads the files of a multi-file source (TFDS) in a shuffled order, as the reference does, so
-        # that epochs do not walk the files in one order and meet the same neighbours in the shuffle buffer.
-        dataset = source.as_dataset("train" if training else "eval", ctx, shuffle_files=training,
-                                    seed=pipeline_seed)
-        if cache_dataset:
-            dataset = dataset.cache()
         if not training:
+            dataset = source.as_dataset("eval", ctx)
+            if cache_dataset:
+                dataset = dataset.cache()
             dataset = dataset.map(lambda image, label: (augment_lib.eval_view(image, image_size), label),
                                   num_parallel_calls=_AUTOTUNE)
             return dataset.batch(per_replica, drop_remainder=drop).prefetch(_AUTOTUNE)
 
+        # Training reads the files of a multi-file source (TFDS, TFRecord shards, image files) in a shuffled
+        # order, as the reference does, so that epochs do not walk the files in one order and meet the same
+        # neighbours in the shuffle buffer.
+        pipeline_skipped = (skipped or SkippedImages()).pipeline(ctx.input_pipeline_id)
+        # A source of file records is shuffled and skipped as records (cheap) and decoded after; with a cache,
+        # the decoded examples are what is kept, so they are decoded first.
+        decode_late = source.decode is not None and not cache_dataset
+        if decode_late:
+            dataset = source.records("train", ctx, shuffle_files=True, seed=pipeline_seed)
+        else:
+            dataset = source.as_dataset("train", ctx, shuffle_files=True, seed=pipeline_seed,
+                                        skipped=pipeline_skipped)
+            if cache_dataset:
+                dataset = dataset.cache()
+
         buffer = shuffle_buffer_size(per_replica, image_size)
         if seed is None:
+            start = 0
             dataset = dataset.shuffle(buffer).repeat()
-            dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random()))
+            dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter()))
         else:
             # Each step takes a batch for every replica this pipeline feeds (several when one host drives
             # several devices), so that is how far `start_step` steps moved the stream.
             replicas_fed = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            start = start_step * per_replica * replicas_fed
+            if decode_late:  # records skipped before the resumed step (listed by the earlier run) count too
+                start = pipeline_skipped.record_position(start)
             # Each epoch re-reads a multi-file source with a file order of its own; a cache is filled once, so
             # its file order is the one above for every epoch.
             reread = (None if source.make_file_shuffled is None or cache_dataset else
-                      lambda files_seed: source.as_dataset("train", ctx, shuffle_files=True, seed=files_seed))
-            dataset = _replayable_stream(dataset, buffer, pipeline_seed,
-                                         start_element=start_step * per_replica * replicas_fed, reread=reread)
+                      lambda files_seed: source.records("train", ctx, shuffle_files=True, seed=files_seed))
+            dataset = _replayable_stream(dataset, buffer, pipeline_seed, start_element=start, reread=reread)
+        if decode_late:
+            dataset = decode_skipping(dataset, source, pipeline_skipped, first_position=start)
+        if seed is None:
+            dataset = tf.data.Dataset.zip((dataset.map(lambda example, position: example),
+                                           tf.data.Dataset.random()))
+        else:
+            dataset = dataset.map(lambda example, position: (example, _position_key(pipeline_seed, position)))
 
         # Stage 1 leaves views in the source's value range; stage 2 rescales them in its first fused pass.
         stage2 = augmenter(ops.input_scale(dataset.element_spec[0][0].dtype))
@@ -172,12 +198,12 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
 
 def _replayable_stream(dataset: tf.data.Dataset, buffer: int, seed: int, start_element: int,
                        reread: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None) -> tf.data.Dataset:
-    """(example, key) pairs whose order and keys depend only on (seed, element position).
+    """(element, position) pairs whose order depends only on (seed, position in the stream).
 
     Epoch e is shuffled with its own seed and the same order every time, and each element's random key is
-    derived from its position in the stream, so a resumed run skips into the current epoch and continues with
-    exactly the batches (and augmentations) the uninterrupted run would have drawn. Resuming re-reads at most
-    one epoch of (undecoded, unaugmented) examples. With `reread` (files seed -> the same examples as
+    derived from its position in the stream (`_position_key`), so a resumed run skips into the current epoch
+    and continues with exactly the batches (and augmentations) the uninterrupted run would have drawn. Resuming
+    re-reads at most one epoch of elements: file records (paths) for file sources, nothing decoded. With `reread` (files seed -> the same examples as
     `dataset`, files in that seed's order), epoch e reads its examples through it with a files seed drawn from
     (seed, e), so the file order too changes per epoch and is the same whenever the epoch is replayed.
     """
@@ -188,10 +214,13 @@ def _replayable_stream(dataset: tf.data.Dataset, buffer: int, seed: int, start_e
         first_epoch, offset = divmod(start_element, size)
         epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
         stream = epochs.flat_map(lambda e: _epoch(dataset, buffer, seed, e, reread)).skip(offset)
-    positions = tf.data.Dataset.counter(start=start_element)
-    keys = positions.map(lambda i: tf.random.stateless_uniform(
-        [], seed=tf.stack([tf.constant(seed, tf.int64), i]), minval=None, dtype=tf.int64))
-    return tf.data.Dataset.zip((stream, keys))
+    return tf.data.Dataset.zip((stream, tf.data.Dataset.counter(start=start_element)))
+
+
+def _position_key(seed: int, position: tf.Tensor) -> tf.Tensor:
+    """The random key of the element at `position` of a seeded stream; it seeds all of that element's views."""
+    return tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), position]), minval=None,
+                                       dtype=tf.int64)
 
 
 _EPOCH_GRAPH_SEED = 20200213  # any non-zero constant

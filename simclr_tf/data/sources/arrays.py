@@ -9,8 +9,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf.data.sources.base import DIGITS_DATASET, EMBEDDED_DATASET, DataSource, SplitKind, to_rgb
-from simclr_tf.data.sources.splits import SPLIT_FLAG, resolve_split
+from simclr_tf.data.sources.base import (DIGITS_DATASET, EMBEDDED_DATASET, DataSource, EvalSplit, SplitKind,
+                                         to_rgb)
+from simclr_tf.data.sources.splits import SPLIT_FLAG, choose_eval_split, resolve_split
 from simclr_tf.errors import UsageError
 
 # The embedded datasets ship with the package as compressed arrays (`images` uint8, `labels` uint8, in their
@@ -28,20 +29,26 @@ class Arrays:
     labels: Optional[np.ndarray]  # int64 [N], None when the split is unlabelled
 
 
-def in_memory_source(name: str, splits: Mapping[str, Arrays], train_split: str, eval_split: str,
-                     num_classes: Optional[int] = None) -> DataSource:
+def in_memory_source(name: str, splits: Mapping[str, Arrays], train_split: str, eval_split: EvalSplit,
+                     num_classes: Optional[int] = None,
+                     class_names: Optional[tuple[str, ...]] = None) -> DataSource:
     """A source over arrays already in memory.
 
     Args:
         name: the source's name.
         splits: the arrays of each split name the specs may use.
         train_split: spec of the train role; it must select labelled splits only.
-        eval_split: spec of the eval role; unlabelled when any split it selects is.
+        eval_split: the eval role (see `build_source`); unlabelled when any split it selects is.
         num_classes: None: the largest label of any split + 1.
+        class_names: the name of each label, where known.
     """
     sizes = {key: len(arrays.images) for key, arrays in splits.items()}
-    selected = {}
+    eval_split = choose_eval_split(eval_split, sizes)
+    empty = Arrays(np.zeros((0,) + splits[next(iter(splits))].images.shape[1:], np.uint8), None)
+    selected = {"eval": empty}
     for kind, spec in (("train", train_split), ("eval", eval_split)):
+        if spec is None:
+            continue
         slices = resolve_split(spec, sizes, SPLIT_FLAG[kind])
         images = _concat([splits[s.split].images[s.start:s.stop] for s in slices])
         label_parts = [splits[s.split].labels for s in slices]
@@ -75,7 +82,7 @@ def in_memory_source(name: str, splits: Mapping[str, Arrays], train_split: str, 
         name=name, train_split=train_split, eval_split=eval_split,
         num_train=len(selected["train"].images), num_eval=len(selected["eval"].images),
         num_classes=num_classes, eval_has_labels=selected["eval"].labels is not None,
-        make_dataset=make_dataset,
+        make_dataset=make_dataset, class_names=class_names,
         image_shape=train_shape if train_shape == _rgb_shape(selected["eval"].images) else None)
 
 
@@ -91,13 +98,13 @@ def _rgb_shape(images: np.ndarray) -> tuple[int, int, int]:
 # npz files
 
 
-def npz_source(path: str, train_split: str, eval_split: str) -> DataSource:
+def npz_source(path: str, train_split: str, eval_split: EvalSplit) -> DataSource:
     """The `npz:PATH` source: splits `train` and `test` from arrays `x_train, y_train, x_test[, y_test]`.
 
     Args:
         path: the .npz file; errors about its content name it.
         train_split: spec of the train role.
-        eval_split: spec of the eval role.
+        eval_split: the eval role (see `build_source`).
     """
     if not os.path.isfile(path):
         raise UsageError("--dataset", f"npz file {path} does not exist")
@@ -179,16 +186,16 @@ def embedded_path(name: str) -> str:
     return os.path.join(EMBEDDED_DIR, f"{name}.npz")
 
 
-def embedded_source(name: str, train_split: str, eval_split: str) -> DataSource:
+def embedded_source(name: str, train_split: str, eval_split: EvalSplit) -> DataSource:
     """An embedded dataset (splits `train` and `test`, see the package docstring); it needs no download.
 
     Args:
         name: `EMBEDDED_DATASET` or `DIGITS_DATASET`.
         train_split: spec of the train role.
-        eval_split: spec of the eval role.
+        eval_split: the eval role (see `build_source`).
     """
     splits = _mnist_5k_splits() if name == EMBEDDED_DATASET else _digits_splits()
-    return in_memory_source(name, splits, train_split, eval_split)
+    return in_memory_source(name, splits, train_split, eval_split, class_names=tuple(str(d) for d in range(10)))
 
 
 def _load_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,169 +1,273 @@
-"""The `folder:PATH` source: `PATH/<split>/<class>/*.{jpg,jpeg,png}`, every file checked once at build time."""
+"""The `folder:PATH` source: image files, labelled by class folders or unlabelled, listed fast, decoded when read.
+
+Layouts:
+
+* `PATH/<split>/<class>/*.jpg`: split folders holding class folders (ImageNet's layout): labelled.
+* `PATH/<split>/...`: a split folder holding images directly or in any nesting of folders other than exactly
+  one level of class folders: unlabelled (label -1), for pretraining.
+* `PATH/...` without split folders (none named by `--train_split`, nor a usual split name): `PATH` itself is the
+  one split, `train`, labelled or unlabelled by the same rule. `photos/**/*.jpg` pretrains as it is.
+
+Start-up lists files and decodes nothing: directories are walked in parallel (`os.scandir` in threads), and with
+an `index_dir` the listing is kept in an index file there, reused while every listed directory keeps its
+modification time (adding, removing or renaming a file changes its directory's). Files are decoded in the
+tf.data graph when read; the ones that fail are skipped and reported then (`decoding.py`), after a check at
+build time that each split has at least one readable image.
+"""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
-from typing import Optional, Sequence
+import tempfile
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf.data.sources.base import DataSource, SplitKind
-from simclr_tf.data.sources.splits import SPEC_RE, SPLIT_FLAG, resolve_split
+from simclr_tf.data.sources.base import DataSource, EvalSplit, FileSeed, SplitKind, read_shuffled
+from simclr_tf.data.sources.splits import SPLIT_FLAG, names_are_splits, resolve_split, role_names, spec_names
 from simclr_tf.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The split PATH itself becomes when it has no split folders.
+_WHOLE_FOLDER_SPLIT = "train"
+_INDEX_VERSION = "simclr_tf folder index v1"
+_WALK_THREADS = 16
 
-# Formats tf.io.decode_image reads; a file PIL opens in another format (say a WebP named .jpg) would fail later.
-_TF_DECODABLE = {"JPEG", "PNG", "GIF", "BMP"}
-_MAX_REPORTED = 5
 
-
-def folder_source(root: str, train_split: str, eval_split: str) -> DataSource:
-    """The source over an image folder; unreadable files are left out and listed in `skipped_files`.
+def folder_source(root: str, train_split: str, eval_split: EvalSplit, *,
+                  index_dir: Optional[str] = None) -> DataSource:
+    """The source over an image folder (see the module docstring for layouts).
 
     Args:
-        root: the folder holding one sub-folder per split.
-        train_split: spec of the train role; its split folders must have class sub-folders.
-        eval_split: spec of the eval role; a split folder holding images directly is unlabelled.
+        root: the image folder.
+        train_split: spec of the train role.
+        eval_split: the eval role (see `build_source`).
+        index_dir: a local folder where the file index is kept and reused (the run's model_dir); None: none.
     """
     if not os.path.isdir(root):
-        raise UsageError("--dataset", f"folder {root} does not exist (expected PATH/<split>/<class>/*.jpg|png)")
-    available = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not available:
-        raise UsageError("--dataset", f"folder {root} has no split sub-folders (expected PATH/<split>/<class>/"
-                                      f"*.jpg|png)")
-    # The spec names the split folders before we know their sizes: resolve names first, sizes after listing.
-    names = {kind: [_split_name(part, available, SPLIT_FLAG[kind]) for part in spec.split("+")]
-             for kind, spec in (("train", train_split), ("eval", eval_split))}
-    classes = sorted({c for split in names["train"] for c in _subdirs(os.path.join(root, split))})
-    if not classes:
-        raise UsageError("--train_split", f"{os.path.join(root, names['train'][0])} has no class sub-folders")
+        raise UsageError("--dataset", f"folder {root} does not exist (expected PATH/<split>/<class>/*.jpg|png, "
+                                      f"or images in any folders under PATH)")
+    root = os.path.abspath(root)
+    files = _listing(root, index_dir)
+    top_dirs = sorted({f.split("/", 1)[0] for f in files if "/" in f} | set(_subdirs(root)))
+    train_names = spec_names(train_split, "--train_split")
+    if names_are_splits(top_dirs, train_names):
+        splits = {name: [f for f in files if f.startswith(name + "/")] for name in top_dirs}
+        prefix = {name: name + "/" for name in top_dirs}
+    else:  # PATH itself is the one split
+        splits = {_WHOLE_FOLDER_SPLIT: files}
+        prefix = {_WHOLE_FOLDER_SPLIT: ""}
+    eval_split, names = role_names(train_split, eval_split, splits)
 
-    listed: dict[str, tuple[list[str], Optional[list[int]]]] = {}
-    for kind in ("train", "eval"):
-        for split in names[kind]:
-            if split not in listed:
-                listed[split] = _list_split(os.path.join(root, split), classes, SPLIT_FLAG[kind])
-    if any(listed[split][1] is None for split in names["train"]):
-        raise UsageError("--train_split", f"the train split of {root} needs class sub-folders")
+    # Class folders: the train split's, when it is labelled; the eval split must use the same names.
+    layouts = {name: _classes_of([f[len(prefix[name]):] for f in splits[name]]) for name in splits}
+    train_classes = [layouts[name] for name in names["train"]]
+    classes = sorted(set().union(*train_classes)) if all(c is not None for c in train_classes) else []
+    labelled = {}
+    for name in set(names["train"]) | set(names.get("eval", ())):
+        found = layouts[name]
+        labelled[name] = bool(classes) and found is not None
+        if labelled[name] and set(found) - set(classes):
+            flag = SPLIT_FLAG["eval" if name in names.get("eval", ()) else "train"]
+            raise UsageError(flag, f"{os.path.join(root, name)} has class folders not in the train split: "
+                                   f"{', '.join(sorted(set(found) - set(classes))[:5])}")
+    label_of = {c: i for i, c in enumerate(classes)}
 
-    all_files = sorted({f for files, _ in listed.values() for f in files})
-    checked = _check_images(all_files)
-    skipped = tuple(f for f in all_files if checked[f] is None)
-    if skipped:
-        shown = ", ".join(os.path.relpath(f, root) for f in skipped[:_MAX_REPORTED])
-        more = f" and {len(skipped) - _MAX_REPORTED} more" if len(skipped) > _MAX_REPORTED else ""
-        logging.warning("folder:%s: skipped %d unreadable or corrupt image file(s): %s%s",
-                        root, len(skipped), shown, more)
-
-    ordered: dict[str, tuple[list[str], Optional[list[int]]]] = {}
-    for split, (files, labels) in listed.items():
-        keep = [i for i, f in enumerate(files) if checked[f] is not None]
+    ordered = {}
+    for name in labelled:
+        listed = splits[name]
+        if not listed:
+            kind = "eval" if name in names.get("eval", ()) and name not in names["train"] else "train"
+            raise UsageError(SPLIT_FLAG[kind], f"{os.path.join(root, prefix[name])} holds no readable "
+                                               f"{'/'.join(IMAGE_EXTENSIONS)} images")
         # Fixed pseudo-random order so that slices like train[:10%] hold every class.
-        keep = [keep[i] for i in np.random.default_rng(0).permutation(len(keep))]
-        ordered[split] = ([files[i] for i in keep], None if labels is None else [labels[i] for i in keep])
-    sizes = {split: len(files) for split, (files, _) in ordered.items()}
+        listed = [listed[i] for i in np.random.default_rng(0).permutation(len(listed))]
+        labels = ([label_of[f[len(prefix[name]):].split("/", 1)[0]] for f in listed] if labelled[name]
+                  else [-1] * len(listed))
+        ordered[name] = ([os.path.join(root, f) for f in listed], labels)
 
     selected = {}
-    shapes = set()
     for kind, spec in (("train", train_split), ("eval", eval_split)):
-        for split in names[kind]:
-            if sizes[split] == 0:
-                raise UsageError(SPLIT_FLAG[kind], f"{os.path.join(root, split)} holds no readable "
-                                                   f"{'/'.join(IMAGE_EXTENSIONS)} images")
-        files, labels = [], []
-        unlabelled = False
-        for piece in resolve_split(spec, sizes, SPLIT_FLAG[kind]):
-            split_files, split_labels = ordered[piece.split]
-            files += split_files[piece.start:piece.stop]
-            if split_labels is None:
-                unlabelled = True
-            else:
-                labels += split_labels[piece.start:piece.stop]
-        selected[kind] = (files, None if unlabelled else labels)
-        shapes.update(checked[f] for f in files)
+        if spec is None:
+            continue
+        paths, labels = [], []
+        for piece in resolve_split(spec, {n: len(v[0]) for n, v in ordered.items()}, SPLIT_FLAG[kind]):
+            split_paths, split_labels = ordered[piece.split]
+            paths += split_paths[piece.start:piece.stop]
+            labels += split_labels[piece.start:piece.stop]
+        _check_readable(paths, SPLIT_FLAG[kind], os.path.join(root, spec))
+        selected[kind] = (paths, labels, all(labelled[n] for n in names[kind]))
+
+    parts: dict = {}
+
+    def pipeline_part(split_kind: SplitKind, input_context: Optional[tf.distribute.InputContext]
+                      ) -> tuple[tf.Tensor, tf.Tensor]:
+        pipelines = input_context.num_input_pipelines if input_context is not None else 1
+        first = input_context.input_pipeline_id if input_context is not None else 0
+        key = (split_kind, pipelines, first)
+        if key not in parts:
+            paths, labels, _ = selected[split_kind]
+            # Sharded as a Python list, before any tensor exists: each pipeline holds and reads only its files.
+            paths, labels = paths[first::pipelines], labels[first::pipelines]
+            # Made eagerly even when first asked for inside a tf.data function (a reshuffled epoch), so the
+            # function captures the tensors instead of embedding a million paths in its graph.
+            with tf.init_scope():
+                parts[key] = (tf.constant(paths, tf.string), tf.constant(labels, tf.int64))
+        return parts[key]
 
     def make_dataset(split_kind: SplitKind,
                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
-        files, labels = selected[split_kind]
-        labels = [-1] * len(files) if labels is None else labels
-        ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), tf.constant(labels, tf.int64)))
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        ds = ds.map(_read_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        # Every file decoded at build time; this only guards against one changing on disk since then.
-        return ds.ignore_errors(log_warning=True)
+        return tf.data.Dataset.from_tensor_slices(pipeline_part(split_kind, input_context))
 
+    def make_file_shuffled(split_kind: SplitKind, input_context: Optional[tf.distribute.InputContext] = None,
+                           seed: Optional[FileSeed] = None) -> tf.data.Dataset:
+        # Every image is a file: a whole-epoch permutation of the (cheap) paths, before anything is read.
+        paths, labels = pipeline_part(split_kind, input_context)
+        return read_shuffled((paths, labels), seed, lambda *columns: tf.data.Dataset.from_tensor_slices(columns),
+                             int(paths.shape[0]))
+
+    unlabelled_train = not selected["train"][2]
+    if unlabelled_train:
+        logging.info("folder:%s: the train split has no class folders; its images are unlabelled (-1)", root)
     return DataSource(
         name=f"folder:{root}", train_split=train_split, eval_split=eval_split,
-        num_train=len(selected["train"][0]), num_eval=len(selected["eval"][0]), num_classes=len(classes),
-        eval_has_labels=selected["eval"][1] is not None, make_dataset=make_dataset,
-        image_shape=shapes.pop() if len(shapes) == 1 else None, skipped_files=skipped)
+        num_train=len(selected["train"][0]), num_eval=len(selected["eval"][0]) if "eval" in selected else 0,
+        num_classes=len(classes), eval_has_labels="eval" in selected and selected["eval"][2],
+        make_dataset=make_dataset, make_file_shuffled=make_file_shuffled, decode=decode_image_file,
+        describe=lambda record: record[0], class_names=tuple(classes) or None)
 
 
-def _split_name(part: str, available: Sequence[str], flag: str) -> str:
-    match = SPEC_RE.match(part.strip())
-    if not match:
-        raise UsageError(flag, f"cannot parse split '{part}'; use e.g. train, train[:10%], train+test")
-    if match.group(1) not in available:
-        raise UsageError(flag, f"unknown split '{match.group(1)}'; available splits: {', '.join(available)}")
-    return match.group(1)
-
-
-def _subdirs(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-
-
-def _image_files(path: str) -> list[str]:
-    return sorted(os.path.join(path, f) for f in os.listdir(path)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
-
-
-def _list_split(path: str, classes: Sequence[str], flag: str) -> tuple[list[str], Optional[list[int]]]:
-    """Files and labels of one split folder; labels None for a flat (unlabelled) folder."""
-    subdirs = _subdirs(path)
-    if not subdirs:
-        return _image_files(path), None
-    unknown = sorted(set(subdirs) - set(classes))
-    if unknown:
-        raise UsageError(flag, f"{path} has class folders not in the train split: {', '.join(unknown[:5])}")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        if name in subdirs:
-            found = _image_files(os.path.join(path, name))
-            files += found
-            labels += [label] * len(found)
-    return files, labels
-
-
-def _check_images(files: Sequence[str]) -> dict[str, Optional[tuple[int, int, int]]]:
-    """path -> (H, W, 3) when PIL decodes the whole file in a format TF reads, else None."""
-    if not files:
-        return {}
-    workers = min(8, (os.cpu_count() or 1) + 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        return dict(zip(files, pool.map(_check_image, files, chunksize=64)))
-
-
-def _check_image(path: str) -> Optional[tuple[int, int, int]]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.format not in _TF_DECODABLE:
-                return None
-            width, height = image.size
-            # Decoding at 1/8 scale still parses every byte of the JPEG stream, so truncation shows.
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except Exception:  # noqa: BLE001 -- any failure to decode means the file is skipped and reported
-        return None
-    return (height, width, 3)
-
-
-def _read_image(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def decode_image_file(record: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(path, label)` -> `(image uint8 [H, W, 3], label)`; fails on a missing, corrupt or non-image file."""
+    path, label = record
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return image, label
+
+
+def _subdirs(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
+def _classes_of(relative: Iterable[str]) -> Optional[list[str]]:
+    """The class folders when every file sits exactly one folder deep, else None (unlabelled)."""
+    classes = set()
+    for f in relative:
+        parts = f.split("/")
+        if len(parts) != 2:
+            return None
+        classes.add(parts[0])
+    return sorted(classes) or None
+
+
+def _check_readable(paths: Sequence[str], flag: str, where: str) -> None:
+    """One clear error when a split has no readable image; decodes files until one works (usually the first)."""
+    for path in paths:
+        try:
+            decode_image_file((tf.constant(path), tf.constant(0, tf.int64)))
+            return
+        except (tf.errors.OpError, ValueError):
+            continue
+    raise UsageError(flag, f"{where} holds no readable image: all {len(paths)} "
+                           f"{'/'.join(IMAGE_EXTENSIONS)} files fail to decode")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Listing: a parallel walk, and the index file that saves it on the next start
+
+
+def _listing(root: str, index_dir: Optional[str]) -> list[str]:
+    """Sorted image paths relative to `root` ('/'-separated), from the index file when it is still valid."""
+    index_path = _index_path(root, index_dir)
+    if index_path is not None:
+        files = _read_index(index_path, root)
+        if files is not None:
+            return files
+    files, dirs = _walk(root)
+    if index_path is not None:
+        _write_index(index_path, root, files, dirs)
+    return files
+
+
+def _walk(root: str) -> tuple[list[str], dict[str, int]]:
+    """(image files, {directory: mtime_ns}) under `root`, relative; each level's directories scanned in threads."""
+    files: list[str] = []
+    dirs: dict[str, int] = {}
+    seen = {os.path.realpath(root)}
+    level = [""]
+    with concurrent.futures.ThreadPoolExecutor(_WALK_THREADS) as pool:  # scandir releases the GIL
+        while level:
+            following = []
+            for rel, (mtime, found, subdirs) in zip(level, pool.map(lambda r: _scan(root, r), level)):
+                dirs[rel] = mtime
+                files += found
+                for sub in subdirs:  # symlinked folders are followed once (a link loop ends here)
+                    real = os.path.realpath(os.path.join(root, sub))
+                    if real not in seen:
+                        seen.add(real)
+                        following.append(sub)
+            level = following
+    return sorted(files), dirs
+
+
+def _scan(root: str, rel: str) -> tuple[int, list[str], list[str]]:
+    path = os.path.join(root, rel) if rel else root
+    found, subdirs = [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.startswith("."):
+                continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints, ...)
+            if entry.is_dir():
+                subdirs.append(name)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                found.append(name)
+    return os.stat(path).st_mtime_ns, found, subdirs
+
+
+def _index_path(root: str, index_dir: Optional[str]) -> Optional[str]:
+    if not index_dir or "://" in index_dir:
+        return None  # remote model_dirs (gs://...) get no index; listing a local folder is fast anyway
+    digest = hashlib.sha1(root.encode("utf-8")).hexdigest()[:16]
+    return os.path.join(index_dir, f"folder_index-{digest}.tsv")
+
+
+def _read_index(path: str, root: str) -> Optional[list[str]]:
+    """The indexed files, or None when the index is missing, foreign, damaged or out of date."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") != f"{_INDEX_VERSION}\t{root}":
+                return None
+            files = []
+            for line in f:
+                kind, _, rest = line.rstrip("\n").partition("\t")
+                if kind == "D":
+                    mtime, _, rel = rest.partition("\t")
+                    if os.stat(os.path.join(root, rel) if rel else root).st_mtime_ns != int(mtime):
+                        return None
+                elif kind == "F":
+                    files.append(rest)
+                elif kind == "END":
+                    return files
+    except (OSError, ValueError):
+        pass
+    return None  # no END line: a partial file (should not happen with the atomic write) is not trusted
+
+
+def _write_index(path: str, root: str, files: Sequence[str], dirs: dict[str, int]) -> None:
+    """Writes the index atomically (a temporary file renamed over it); a failure only costs the next start."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".folder_index-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{_INDEX_VERSION}\t{root}\n")
+            f.writelines(f"D\t{mtime}\t{rel}\n" for rel, mtime in sorted(dirs.items()))
+            f.writelines(f"F\t{rel}\n" for rel in files)
+            f.write("END\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.warning("could not write the folder index %s (%s); the folder will be listed again next time",
+                        path, e)

@@ -7,13 +7,13 @@ from typing import Optional
 
 import tensorflow as tf
 
-from simclr_tf.data.sources.base import (DIGITS_DATASET, EMBEDDED_DATASET, DataSource, FileSeed, SplitKind,
-                                         to_rgb)
-from simclr_tf.data.sources.splits import SPLIT_FLAG, resolve_split
+from simclr_tf.data.sources.base import (DIGITS_DATASET, EMBEDDED_DATASET, DataSource, EvalSplit, FileSeed,
+                                         SplitKind, to_rgb)
+from simclr_tf.data.sources.splits import SPLIT_FLAG, choose_eval_split, resolve_split
 from simclr_tf.errors import UsageError, first_line
 
 
-def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split: str,
+def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split: EvalSplit,
                 download: bool) -> DataSource:
     """The source over TFDS dataset `name`; counts and classes come from the builder's info.
 
@@ -21,7 +21,7 @@ def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split
         name: TFDS name, optionally with config and version (`cifar10:3.0.2`, `name/config`).
         data_dir: TFDS data folder (None: TFDS's default).
         train_split: spec of the train role.
-        eval_split: spec of the eval role.
+        eval_split: the eval role (see `build_source`).
         download: download and prepare the dataset when it is not prepared; otherwise that is a `UsageError`.
     """
     import tensorflow_datasets as tfds
@@ -46,8 +46,11 @@ def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split
     info = builder.info
     image_key, label_key = _tfds_keys(name, info)
     split_sizes = {split: info.splits[split].num_examples for split in info.splits.keys()}
-    counts, num_files = {}, {}
+    eval_split = choose_eval_split(eval_split, split_sizes)
+    counts, num_files = {"eval": 0}, {"eval": 0}
     for kind, spec in (("train", train_split), ("eval", eval_split)):
+        if spec is None:
+            continue
         resolve_split(spec, split_sizes, SPLIT_FLAG[kind])  # one-line errors naming the flag
         split_info = info.splits[spec]
         counts[kind] = split_info.num_examples
@@ -91,9 +94,9 @@ def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split
 
     return DataSource(
         name=name, train_split=train_split, eval_split=eval_split, num_train=counts["train"],
-        num_eval=counts["eval"], num_classes=info.features[label_key].num_classes, eval_has_labels=True,
-        make_dataset=make_dataset, make_file_shuffled=make_file_shuffled,
-        image_shape=image_shape)
+        num_eval=counts["eval"], num_classes=info.features[label_key].num_classes,
+        eval_has_labels=eval_split is not None, make_dataset=make_dataset, make_file_shuffled=make_file_shuffled,
+        image_shape=image_shape, class_names=tuple(info.features[label_key].names))
 
 
 def _tfds_keys(name: str, info) -> tuple[str, str]:
