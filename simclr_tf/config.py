@@ -89,6 +89,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("keep_hub_module_max", 1, "Maximum number of exported SavedModels to keep.", **f)
     flags.DEFINE_float("temperature", 0.1, "Temperature parameter for contrastive loss.", **f)
     flags.DEFINE_boolean("hidden_norm", True, "Whether to L2-normalise the projections in the contrastive loss.", **f)
+    flags.DEFINE_integer("memory_size", 0, "SimCLRv2's memory of negatives: keep the projections of this many "
+                         "past examples, from a momentum copy of the encoder, as extra negatives (0: off, plain "
+                         "SimCLR). Pretraining only.", **f)
+    flags.DEFINE_float("memory_momentum", 0.999, "Momentum m of the memory's encoder copy, updated after every "
+                       "step as m * copy + (1 - m) * encoder; in [0, 1).", **f)
     flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"],
                       "How the head projection is done.", **f)
     flags.DEFINE_integer("proj_out_dim", 128, "Number of head projection dimension.", **f)
@@ -177,6 +182,8 @@ class Config:
     keep_hub_module_max: int = 1
     temperature: float = 0.1
     hidden_norm: bool = True
+    memory_size: int = 0
+    memory_momentum: float = 0.999
     proj_head_mode: str = "nonlinear"
     proj_out_dim: int = 128
     num_proj_layers: int = 3
@@ -294,6 +301,9 @@ def validate(config: Config) -> Config:
     if c.train_mode == "pretrain" and c.fine_tune_after_block != -1:
         raise UsageError("--fine_tune_after_block", "only applies to --train_mode=finetune/distill; "
                          "pretraining trains the whole encoder (leave it at -1)")
+    if c.memory_size > 0 and c.train_mode != "pretrain":
+        raise UsageError("--memory_size", f"the memory of negatives is part of the contrastive loss: only "
+                         f"--train_mode=pretrain uses it, not {c.train_mode} (leave it at 0)")
     if c.num_cpu_replicas < 1:
         raise UsageError("--num_cpu_replicas", f"must be >= 1, got {c.num_cpu_replicas}")
     if c.keep_checkpoint_max < 1:

@@ -163,18 +163,26 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ContrastConfig:
-    """The NT-Xent loss of pretraining.
+    """The NT-Xent loss of pretraining, and SimCLRv2's memory of negatives (docs/design.md §4.4).
 
     Args:
         temperature: tau of the softmax over similarities.
         hidden_norm: L2-normalise the projections first (cosine similarity).
+        memory_size: K, the projections of past batches (from a momentum copy of the encoder) kept as extra
+            negatives; 0: no memory, plain SimCLR.
+        memory_momentum: m of the momentum copy's update w_m <- m w_m + (1 - m) w, in [0, 1).
     """
 
     temperature: float = 0.1
     hidden_norm: bool = True
+    memory_size: int = 0
+    memory_momentum: float = 0.999
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(self.memory_size >= 0, "memory_size", f"must be >= 0 (0: no memory), got {self.memory_size}")
+        _check(0.0 <= self.memory_momentum < 1.0, "memory_momentum",
+               f"must be in [0, 1), got {self.memory_momentum}")
 
 
 @dataclasses.dataclass(frozen=True)

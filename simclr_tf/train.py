@@ -56,7 +56,7 @@ class Trainer:
         self.schedule = schedules.Schedule.from_config(config.schedule, source.num_train)
         self.model = build_model(config.model, source.num_classes, strategy,
                                  mixed_precision=config.mixed_precision)
-        self.task = tasks.build_task(config, self.model, teacher)
+        self.task = tasks.build_task(config, self.model, teacher, strategy=strategy)
         with strategy.scope():
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             rate = schedules.WarmupCosineSchedule(self.schedule.learning_rate, self.schedule.warmup_steps,
@@ -67,7 +67,9 @@ class Trainer:
                 loss_scaling=config.mixed_precision and mixed_precision_policy(strategy) == "mixed_float16")
         # The architecture travels inside every checkpoint, so whoever rebuilds the model from it (a
         # distillation teacher) builds the network that was trained, whatever flags they pass.
-        parts = dict(model=self.model, optimizer=self.optimizer, global_step=self.global_step)
+        # The task's own state (the memory of negatives: docs/design.md §4.4) is part of an exact resume.
+        parts = dict(model=self.model, optimizer=self.optimizer, global_step=self.global_step,
+                     **self.task.trackables())
         self.checkpoint = tf.train.Checkpoint(**parts, architecture=ckpt_lib.RecordedArchitecture(config.model))
         self._legacy_checkpoint = tf.train.Checkpoint(**parts)  # reads checkpoints written before that
         self.is_chief = is_chief(strategy)
@@ -131,6 +133,7 @@ class Trainer:
             raise ValueError("num_steps: required when batches is an iterator")
         if self._loop_fn is None:
             self._loop_fn = _build_loop_fn(self.strategy, self._step_fn(), self.global_step)
+        self.task.before_steps()  # e.g. the memory's momentum copy starts as a copy of a fresh run's weights
         means, bad_step = self._loop_fn(batches, tf.constant(num_steps))
         if int(bad_step) >= 0:
             raise NonFiniteLossError(f"non-finite loss at step {int(bad_step)}; training stopped without "
@@ -197,11 +200,13 @@ class Trainer:
 
     def _step_fn(self) -> Callable:
         compute, optimizer, variables = self.gradients_fn(), self.optimizer, self.model.trainable_variables
+        task = self.task
 
         def step(images, labels):
             metrics, grads = compute(images, labels)
             # Head layers past --ft_proj_selector take no part in a fine-tuning loss: no gradient, no update.
             optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+            task.after_step()  # after the update, in this trace: it reads the updated weights
             return metrics
 
         return xla.compile_step(step, self.strategy) if self.config.jit_compile else step

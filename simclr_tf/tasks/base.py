@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import tensorflow as tf
 
@@ -49,6 +49,17 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def objective(self, images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, Metrics]:
         """The mode's loss for a per-replica batch (no weight decay) and its metrics."""
+
+    def before_steps(self) -> None:
+        """Called eagerly before each run of training steps (a task with state of its own prepares it here)."""
+
+    def after_step(self) -> None:
+        """Called in the replica step, in the same traced function, right after the optimizer applied the
+        step's gradients (a task with state of its own updates it here)."""
+
+    def trackables(self) -> Dict[str, Any]:
+        """Objects the run's checkpoint must hold besides model, optimizer and step, by checkpoint key."""
+        return {}
 
     def regularisation(self) -> tf.Tensor:
         """The weight-decay term the reference adds to the loss (see optimizers.weight_decay_loss)."""
