@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import logging as absl_logging
 from PIL import Image
 
 from simclr_tf import make_tfrecords
@@ -245,11 +246,14 @@ def test_seeded_file_order(converted):
     assert len(set(passes)) > 1  # a new order on every pass (3 equal ones: probability 1/720^2)
 
 
-def test_record_counts_index_is_reused_until_a_file_changes(converted, tmp_path, caplog):
+def test_record_counts_index_is_reused_until_a_file_changes(converted, tmp_path, caplog, request):
     _, out_dir, _, _ = converted
     data = tmp_path / "data"
     shutil.copytree(out_dir, data)
     index_dir = tmp_path / "run"
+    # absl filters by its own verbosity before Python logging sees a record; another test may have lowered it.
+    request.addfinalizer(lambda verbosity=absl_logging.get_verbosity(): absl_logging.set_verbosity(verbosity))
+    absl_logging.set_verbosity(absl_logging.INFO)
     with caplog.at_level(logging.INFO):
         build_source(f"tfrecord:{data}/*", None, "train", None, index_dir=str(index_dir))
         assert any("counting the records of 6 of 6 files" in r.getMessage() for r in caplog.records)

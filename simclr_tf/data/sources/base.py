@@ -153,17 +153,15 @@ def read_shuffled(columns: Sequence[tf.Tensor], seed: Optional[FileSeed],
         count: how many records `read` yields, asserted on the result (the flat_map here hides the length,
             which the replayable training stream needs to place a resumed step).
     """
-    indices = tf.range(tf.size(columns[0], out_type=tf.int64), dtype=tf.int64)
-
-    def permuted(_):
-        if seed is None:  # drawn again on every pass over the dataset
-            order = tf.random.shuffle(indices)
-        else:
-            pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
-            order = tf.random.experimental.stateless_shuffle(indices, seed=pair)
-        return read(*(tf.gather(column, order) for column in columns))
-
-    shuffled = tf.data.Dataset.from_tensors(0).flat_map(permuted)
+    size = tf.size(columns[0], out_type=tf.int64)
+    if seed is None:
+        # A new order on every pass, also under a global seed (which would make a random op inside the
+        # dataset repeat its draw on every pass): tf.data's own shuffle reshuffles per iteration.
+        orders = tf.data.Dataset.range(size).shuffle(size, reshuffle_each_iteration=True).batch(size)
+    else:
+        pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
+        orders = tf.data.Dataset.from_tensors(tf.random.experimental.stateless_shuffle(tf.range(size), seed=pair))
+    shuffled = orders.flat_map(lambda order: read(*(tf.gather(column, order) for column in columns)))
     return shuffled.apply(tf.data.experimental.assert_cardinality(count))
 
 
