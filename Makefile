@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench bench-gpu clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py
+
+# The accelerator throughput table (bench/gpu.py) with the machine's own Python: TensorFlow if it has it, else
+# Keras on JAX (no venv: accelerator machines may have no package registry).
+bench-gpu:
+	$(PYTHON) bench/gpu.py
 
 clean:
 	rm -rf $(VENV) runs demo_run

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -41,41 +41,55 @@ from absl import logging
 from simclr_tf.data import augment
 from simclr_tf.image_formats import IMAGE_MAGIC
 from simclr_tf.models import SimCLRModel
+from simclr_tf.models.contrastive import SimCLR
 
 ENDPOINTS = ("initial_conv", "initial_max_pool", "block_group1", "block_group2", "block_group3", "block_group4")
 EXPORT_SUBDIR = "saved_model"
 KERAS_FILENAME = "encoder.keras"
+# What can be exported: the CLI's network or fit()'s SimCLR (same outputs h, z, logits_sup).
+ExportableModel = Union[SimCLRModel, SimCLR]
 # Verification tolerance between the reloaded SavedModel and the in-memory Keras model (float32 CPU/GPU
 # kernels may differ in summation order between the eager and the saved graph).
 VERIFY_ATOL = 1e-4
 
 
-def export_copy(model: SimCLRModel) -> SimCLRModel:
+def export_copy(model: ExportableModel) -> ExportableModel:
     """A single-device copy of `model` with every layer trainable, plain BN and no stop-gradient.
 
     Call it outside `strategy.scope()` (as app.py does): the copy then holds plain variables, so the SavedModel
     has no cross-replica ops, and its `__call__(trainable=True)` trains everything (see the module docstring).
+
+    Args:
+        model: a `SimCLRModel` (the CLI's) or a built `SimCLR` (fit()'s); both name their copy's changes in
+            `export_overrides()`.
     """
+    if not getattr(model, "image_size", None):
+        raise ValueError("model: not built on square images yet (call it on a batch first)")
     config = dict(model.get_config())
-    config.update(fine_tune_after_block=-1, linear_eval_stop_gradient=False, global_bn=False,
-                  name=f"{model.name}_export")
-    copy = SimCLRModel.from_config(config)
+    config.update(model.export_overrides(), name=f"{model.name}_export")
+    copy = type(model).from_config(config)
     copy(tf.zeros([1, model.image_size, model.image_size, 3]), training=False)
     source, target = model.weights, copy.weights
     if len(source) != len(target):
         raise RuntimeError(f"export copy has {len(target)} weights, the model {len(source)}")
     for src, dst in zip(source, target):
-        # Same architecture, same creation order: paths agree below the (renamed) model.
-        if tuple(src.shape) != tuple(dst.shape) or src.path.split("/", 1)[-1] != dst.path.split("/", 1)[-1]:
+        # Same architecture, same creation order: paths agree below the (renamed) model, whose name prefixes
+        # them when the variables were created inside its build.
+        if tuple(src.shape) != tuple(dst.shape) or _below(src.path, model.name) != _below(dst.path, copy.name):
             raise RuntimeError(f"export copy weight {dst.path} {tuple(dst.shape)} does not match the model's "
                                f"{src.path} {tuple(src.shape)}")
         dst.assign(np.asarray(src.numpy()))
     return copy
 
 
-def _outputs(model: SimCLRModel, images: tf.Tensor, training: bool) -> Dict[str, tf.Tensor]:
+def _below(path: str, model_name: str) -> str:
+    return path[len(model_name) + 1:] if path.startswith(model_name + "/") else path
+
+
+def _outputs(model: ExportableModel, images: tf.Tensor, training: bool) -> Dict[str, tf.Tensor]:
     out = model(images, training=training)
-    result = {name: out[name] for name in ENDPOINTS}
+    # fit()'s SimCLR around another encoder has no ResNet endpoints: it exports what it has.
+    result = {name: out[name] for name in ENDPOINTS if name in out}
     result["final_avg_pool"] = out["h"]
     result["proj_head_input"] = out["proj_head_input"]
     result["proj_head_output"] = out["proj_head_output"]
@@ -104,7 +118,7 @@ class ExportModule(tf.Module):
     variables = None
     trainable_variables = None
 
-    def __init__(self, model: SimCLRModel, image_size: int, class_names: Sequence[str] = ()) -> None:
+    def __init__(self, model: ExportableModel, image_size: int, class_names: Sequence[str] = ()) -> None:
         super().__init__(name="simclr_export")
         self.model = model
         self.trainable_variables_list = [v.value for v in model.trainable_variables]
@@ -160,7 +174,7 @@ class ExportModule(tf.Module):
                 "serving_float": self.serving_float.get_concrete_function()}
 
 
-def export_model(model: SimCLRModel, *, model_dir: str, step: int, image_size: int, keep: int,
+def export_model(model: ExportableModel, *, model_dir: str, step: int, image_size: int, keep: int,
                  class_names: Optional[Sequence[str]] = None) -> str:
     """Writes `model_dir/saved_model/<step>/` atomically and keeps the `keep` newest exports (0: all).
 
@@ -207,7 +221,7 @@ def export_model(model: SimCLRModel, *, model_dir: str, step: int, image_size: i
     return final
 
 
-def _checked_class_names(model: SimCLRModel, class_names: Optional[Sequence[str]]) -> Tuple[str, ...]:
+def _checked_class_names(model: ExportableModel, class_names: Optional[Sequence[str]]) -> Tuple[str, ...]:
     num_classes = int(model.num_classes or 0)
     if not class_names or num_classes == 0:
         return ()
@@ -229,7 +243,7 @@ def exported_class_names(loaded) -> Tuple[str, ...]:
     return tuple(name.decode("utf-8") for name in stored.numpy().tolist())
 
 
-def _verify(path: str, model: SimCLRModel, image_size: int, class_names: Tuple[str, ...] = ()) -> None:
+def _verify(path: str, model: ExportableModel, image_size: int, class_names: Tuple[str, ...] = ()) -> None:
     loaded = tf.saved_model.load(path)
     if exported_class_names(loaded) != class_names:
         raise RuntimeError(f"export verification failed: reloaded class_names {exported_class_names(loaded)} "

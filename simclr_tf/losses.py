@@ -10,9 +10,10 @@ global batch.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 from simclr_tf.errors import UsageError
 
@@ -34,36 +35,67 @@ class NTXentOutput(NamedTuple):
         with a memory).
     """
 
-    loss: tf.Tensor
-    logits_ab: tf.Tensor
-    labels: tf.Tensor
-    contrast_acc: tf.Tensor
-    contrast_entropy: tf.Tensor
+    loss: Any
+    logits_ab: Any
+    labels: Any
+    contrast_acc: Any
+    contrast_entropy: Any
 
 
-def gather_from_replicas(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def gather_from_replicas(x: Any) -> tuple[Any, Any]:
     """Concatenates `x` over all replicas (replica order); returns it and this replica's id.
 
-    Outside a multi-replica replica context (no strategy, one device, or cross-replica context) the
-    local batch is the global batch and the replica id is 0.
+    Replicas exist only under a multi-replica tf.distribute strategy (TensorFlow backend). Outside one (no
+    strategy, one device, cross-replica context, or another Keras backend) the local batch is the global
+    batch and the replica id is 0.
 
     Args:
         x: this replica's rows; every replica must pass the same shape.
     """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return x, tf.constant(0, tf.int32)
-    replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
-    return context.all_gather(x, axis=0), replica_id
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # only here: the rest of this module runs on any Keras backend
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
+            return context.all_gather(x, axis=0), replica_id
+    return x, ops.convert_to_tensor(0, "int32")
 
 
-def nt_xent(z: tf.Tensor, *, temperature: float, hidden_norm: bool = True,
-            memory: Optional[tf.Tensor] = None, memory_filled: Optional[tf.Tensor] = None) -> NTXentOutput:
+def l2_normalize(x: Any, epsilon: float = _NORM_EPSILON) -> Any:
+    """x / max(||x||, sqrt(epsilon)) over the last axis (tf.math.l2_normalize's formula, on any backend)."""
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
+
+
+def _cross_entropy(labels: Any, logits: Any) -> Any:
+    return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def _log_normaliser(blocks: list, extra: Optional[Any] = None) -> Any:
+    """log sum exp over the columns of `blocks` (and of `extra`), per row.
+
+    `extra` is added as log(e^a + e^b) = a + log1p(e^(b - a)): when all its entries are masked (-1e9) or it has no
+    columns, e^(b - a) is exactly 0 and the result is exactly the normaliser without it.
+    """
+    lse = ops.logsumexp(ops.concatenate(blocks, 1) if len(blocks) > 1 else blocks[0], axis=1)
+    if extra is not None:
+        lse = lse + ops.log1p(ops.exp(ops.logsumexp(extra, axis=1) - lse))
+    return lse
+
+
+def _entropy_terms(log_prob: Any) -> Any:
+    """-sum p log p per row, from log-probabilities."""
+    return -ops.sum(ops.exp(log_prob) * log_prob, axis=1)
+
+
+def nt_xent(z: Any, *, temperature: float, hidden_norm: bool = True,
+            memory: Optional[Any] = None, memory_filled: Optional[Any] = None) -> NTXentOutput:
     """NT-Xent over the global batch for the local projections `z` of shape [2B, d].
 
     Rows 0..B-1 of `z` are the view-1 projections and rows B..2B-1 the view-2 projections of the same B
     images. Every replica must hold the same B (pipelines batch with drop_remainder), because the global
     index of local row i is replica_id * B + i. `z` may be float16/bfloat16; it is cast to float32 first.
+    Written in keras.ops: the same function serves the CLI's tf.distribute step and `fit()` on any backend.
 
     Args:
         z: the local projections [2B, d].
@@ -80,60 +112,128 @@ def nt_xent(z: tf.Tensor, *, temperature: float, hidden_norm: bool = True,
     """
     if temperature <= 0:
         raise UsageError("--temperature", f"must be > 0, got {temperature}")
-    z = tf.cast(z, tf.float32)
+    z = ops.cast(z, "float32")
     if hidden_norm:
-        z = tf.math.l2_normalize(z, axis=-1, epsilon=_NORM_EPSILON)
-    z1, z2 = tf.split(z, 2, axis=0)
-    local_batch = tf.shape(z1)[0]
+        z = l2_normalize(z)
+    z1, z2 = ops.split(z, 2, axis=0)
+    local_batch = ops.shape(z1)[0]
 
     z1_all, replica_id = gather_from_replicas(z1)
     z2_all, _ = gather_from_replicas(z2)
-    global_batch = tf.shape(z1_all)[0]
+    global_batch = ops.shape(z1_all)[0]
 
-    labels = replica_id * local_batch + tf.range(local_batch, dtype=tf.int32)
-    self_mask = tf.one_hot(labels, global_batch, dtype=tf.float32) * _LARGE_NUM
+    labels = replica_id * local_batch + ops.arange(local_batch, dtype="int32")
+    self_mask = ops.one_hot(labels, global_batch, dtype="float32") * _LARGE_NUM
 
-    inv_t = tf.constant(1.0 / temperature, tf.float32)
-    logits_aa = tf.matmul(z1, z1_all, transpose_b=True) * inv_t - self_mask
-    logits_bb = tf.matmul(z2, z2_all, transpose_b=True) * inv_t - self_mask
-    logits_ab = tf.matmul(z1, z2_all, transpose_b=True) * inv_t
-    logits_ba = tf.matmul(z2, z1_all, transpose_b=True) * inv_t
+    inv_t = 1.0 / temperature
 
-    blocks_a, blocks_b, candidates = [logits_ab, logits_aa], [logits_ba, logits_bb], logits_ab
-    if memory is not None:  # without one, the blocks and metrics are exactly those of plain NT-Xent
+    def similarities(rows: Any, columns: Any) -> Any:
+        return ops.matmul(rows, ops.transpose(columns)) * inv_t
+
+    logits_aa = similarities(z1, z1_all) - self_mask
+    logits_bb = similarities(z2, z2_all) - self_mask
+    logits_ab = similarities(z1, z2_all)
+    logits_ba = similarities(z2, z1_all)
+
+    logits_am = logits_bm = None
+    if memory is not None:  # without one, everything below is exactly plain NT-Xent
         if memory_filled is None:
             raise ValueError("memory_filled: required with memory")
-        memory = tf.stop_gradient(tf.cast(memory, tf.float32))
+        memory = ops.stop_gradient(ops.cast(memory, "float32"))
         # Rows not written yet hold zeros, not keys: the same -1e9 as the self term makes their exp exactly 0.
-        empty = tf.cast(tf.range(tf.shape(memory)[0]) >= tf.cast(memory_filled, tf.int32), tf.float32) * _LARGE_NUM
-        logits_am = tf.matmul(z1, memory, transpose_b=True) * inv_t - empty
-        logits_bm = tf.matmul(z2, memory, transpose_b=True) * inv_t - empty
-        # The memory's columns come after both in-batch blocks, so the label g still points at the positive.
-        blocks_a.append(logits_am)
-        blocks_b.append(logits_bm)
-        candidates = tf.concat([logits_ab, logits_am], 1)
+        unfilled = ops.arange(ops.shape(memory)[0], dtype="int32") >= ops.cast(memory_filled, "int32")
+        empty = ops.cast(unfilled, "float32") * _LARGE_NUM
+        logits_am = similarities(z1, memory) - empty
+        logits_bm = similarities(z2, memory) - empty
 
-    # The positive sits in column g of the first (cross-view) block, so the sparse label is g itself.
-    loss_a = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.concat(blocks_a, 1))
-    loss_b = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.concat(blocks_b, 1))
-    loss = tf.reduce_mean(loss_a + loss_b)
+    # CE([ab|aa(|am)], g) = log-normaliser - the positive, which sits in column g of the cross-view block. The
+    # memory's columns enter the normaliser as a separate term, so an empty or unfilled memory adds exactly 0.
+    positive_a = ops.take_along_axis(logits_ab, labels[:, None], axis=1)[:, 0]
+    positive_b = ops.take_along_axis(logits_ba, labels[:, None], axis=1)[:, 0]
+    loss_a = _log_normaliser([logits_ab, logits_aa], logits_am) - positive_a
+    loss_b = _log_normaliser([logits_ba, logits_bb], logits_bm) - positive_b
+    loss = ops.mean(loss_a + loss_b)
 
-    predicted = tf.argmax(candidates, axis=1, output_type=tf.int32)
-    contrast_acc = tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32))
-    # Exact entropy from log-softmax; the reference adds 1e-8 inside the log, a difference below 1e-7.
-    log_prob = tf.nn.log_softmax(candidates, axis=1)
-    contrast_entropy = tf.reduce_mean(-tf.reduce_sum(tf.exp(log_prob) * log_prob, axis=1))
+    # Metrics over the candidates a view-1 row can pick: the view-2 rows (and the memory).
+    predicted = ops.cast(ops.argmax(logits_ab, axis=1), "int32")
+    if logits_am is not None:
+        predicted = ops.cast(ops.argmax(ops.concatenate([logits_ab, logits_am], 1), axis=1), "int32")
+    contrast_acc = ops.mean(ops.cast(ops.equal(predicted, labels), "float32"))
+    # Exact entropy from log-probabilities; the reference adds 1e-8 inside the log, a difference below 1e-7.
+    normaliser = _log_normaliser([logits_ab], logits_am)[:, None]
+    entropy = _entropy_terms(logits_ab - normaliser)
+    if logits_am is not None:
+        entropy = entropy + _entropy_terms(logits_am - normaliser)  # masked columns: exp = 0, so they add 0
+    contrast_entropy = ops.mean(entropy)
     return NTXentOutput(loss, logits_ab, labels, contrast_acc, contrast_entropy)
 
 
+def supervised_terms(logits: Any, labels: Any) -> dict[str, Any]:
+    """Mean cross-entropy (`sup_loss`) and accuracy (`sup_acc`) over the examples with a label (label >= 0).
+
+    Args:
+        logits: [b, classes], any float dtype (computed in float32).
+        labels: [b] int, -1 where an example has no label.
+    """
+    logits = ops.cast(logits, "float32")
+    labels = ops.cast(labels, "int32")
+    valid = labels >= 0
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    ce = _cross_entropy(safe, logits)
+    w = ops.cast(valid, "float32")
+    n = ops.maximum(ops.sum(w), 1.0)
+    correct = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), "int32"), safe), "float32")
+    return {"sup_loss": ops.sum(ce * w) / n, "sup_acc": ops.sum(correct * w) / n}
+
+
+def view_rows(images: Any) -> Any:
+    """[b, S, S, 6] view pairs (two images on the channel axis, the input pipeline's layout) -> [2b, S, S, 3]:
+    all first views, then all second views, the row order `nt_xent` expects."""
+    first, second = ops.split(images, 2, axis=-1)
+    return ops.concatenate([first, second], axis=0)
+
+
+def pretraining_objective(outputs: dict[str, Any], labels: Any, *, temperature: float, hidden_norm: bool = True,
+                          linear_eval: bool = False, memory: Optional[Any] = None,
+                          memory_filled: Optional[Any] = None) -> tuple[Any, dict[str, Any]]:
+    """The SimCLR pretraining loss of one per-replica batch of view pairs, and its metrics.
+
+    The one definition both front doors use: the CLI's `PretrainTask` and `fit()`'s `SimCLR` model. Weight
+    decay is not included (it depends on the optimizer; see optimizers.weight_decay_loss).
+
+    Args:
+        outputs: the network's outputs on [2B, ...] views (all first views, then all second views):
+            `proj_head_output` [2B, d] and, with `linear_eval`, `logits_sup` [2B, classes] computed from
+            stop_gradient(h).
+        labels: [B] int labels of the images, -1 where unlabelled (read only with `linear_eval`).
+        temperature, hidden_norm: NT-Xent's settings.
+        linear_eval: add the online linear head's cross-entropy on the labelled rows (both views).
+        memory, memory_filled: SimCLRv2's extra negatives (see nt_xent); None: plain SimCLR.
+
+    Returns:
+        (loss, metrics): `contrast_loss`, `contrast_acc`, `contrast_entropy`, and `sup_loss`, `sup_acc`
+        with `linear_eval`.
+    """
+    con = nt_xent(outputs["proj_head_output"], temperature=temperature, hidden_norm=hidden_norm,
+                  memory=memory, memory_filled=memory_filled)
+    loss = con.loss
+    metrics = dict(contrast_loss=con.loss, contrast_acc=con.contrast_acc, contrast_entropy=con.contrast_entropy)
+    if linear_eval:
+        labels = ops.cast(labels, "int32")
+        sup = supervised_terms(outputs["logits_sup"], ops.concatenate([labels, labels], 0))
+        loss = loss + sup["sup_loss"]
+        metrics.update(sup)
+    return loss, metrics
+
+
 def distillation_loss(
-    teacher_logits: tf.Tensor,
-    student_logits: tf.Tensor,
+    teacher_logits: Any,
+    student_logits: Any,
     temperature: float,
     *,
     scale_by_temperature_squared: bool = False,
     reduction: str = "mean",
-) -> tf.Tensor:
+) -> Any:
     """SimCLRv2 distillation loss -sum_y softmax(t/tau)_y log softmax(s/tau)_y, in float32.
 
     The teacher is treated as a constant (stop_gradient). docs/design.md §9 specifies the plain loss, so
@@ -145,9 +245,9 @@ def distillation_loss(
         raise UsageError("--temperature", f"must be > 0, got {temperature}")
     if reduction not in ("mean", "none"):
         raise UsageError("distillation_loss", f"reduction must be 'mean' or 'none', got {reduction!r}")
-    teacher = tf.stop_gradient(tf.cast(teacher_logits, tf.float32)) / temperature
-    student = tf.cast(student_logits, tf.float32) / temperature
-    per_example = -tf.reduce_sum(tf.nn.softmax(teacher, axis=-1) * tf.nn.log_softmax(student, axis=-1), -1)
+    teacher = ops.stop_gradient(ops.cast(teacher_logits, "float32")) / temperature
+    student = ops.cast(student_logits, "float32") / temperature
+    per_example = -ops.sum(ops.softmax(teacher, axis=-1) * ops.log_softmax(student, axis=-1), -1)
     if scale_by_temperature_squared:
         per_example = per_example * (temperature * temperature)
-    return tf.reduce_mean(per_example) if reduction == "mean" else per_example
+    return ops.mean(per_example) if reduction == "mean" else per_example

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from simclr_tf.errors import UsageError
 from simclr_tf.models import weight_decay_exempt_variables
@@ -88,24 +88,24 @@ class LARS(keras.optimizers.Optimizer):
         self.momentums = [self.add_variable_from_reference(v, name="momentum") for v in variables]
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        # keras.ops only, so LARS runs on every Keras backend (fit() under JAX too).
         dtype = variable.dtype
-        lr = tf.cast(learning_rate, dtype)
-        grad = tf.cast(tf.convert_to_tensor(gradient), dtype)
+        lr = ops.cast(learning_rate, dtype)
+        grad = ops.cast(gradient, dtype)
         velocity = self.momentums[self._get_variable_index(variable)]
         if self.is_excluded(variable):
             scaled_grad = lr * grad
         else:
-            w = tf.convert_to_tensor(variable)
-            grad = grad + tf.cast(self.lars_weight_decay, dtype) * w
-            w_norm = tf.norm(w)
-            g_norm = tf.norm(grad)
-            trust = tf.where(
-                tf.logical_and(w_norm > 0, g_norm > 0),
-                tf.math.divide_no_nan(tf.cast(self.eeta, dtype) * w_norm, g_norm),
-                tf.ones_like(w_norm),
-            )
+            w = ops.convert_to_tensor(variable)
+            grad = grad + ops.cast(self.lars_weight_decay, dtype) * w
+            w_norm = ops.sqrt(ops.sum(ops.square(w)))
+            g_norm = ops.sqrt(ops.sum(ops.square(grad)))
+            usable = ops.logical_and(w_norm > 0, g_norm > 0)
+            # The divisor is 1 where g_norm is 0, so the branch `where` drops is finite too.
+            ratio = ops.cast(self.eeta, dtype) * w_norm / ops.where(g_norm > 0, g_norm, ops.ones_like(g_norm))
+            trust = ops.where(usable, ratio, ops.ones_like(w_norm))
             scaled_grad = (lr * trust) * grad
-        new_velocity = tf.cast(self.momentum, dtype) * tf.convert_to_tensor(velocity) + scaled_grad
+        new_velocity = ops.cast(self.momentum, dtype) * ops.convert_to_tensor(velocity) + scaled_grad
         self.assign(velocity, new_velocity)
         self.assign_sub(variable, new_velocity)
 
@@ -170,13 +170,14 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
 
 def l2_regularization(
     variables: Iterable[Any], weight_decay: float, exclude: Iterable[Any] = ()
-) -> tf.Tensor:
-    """weight_decay * sum(l2_loss(v)) over `variables` not in `exclude` (by object), float32 scalar."""
+) -> Any:
+    """weight_decay * sum(l2_loss(v)) over `variables` not in `exclude` (by object), float32 scalar;
+    l2_loss(v) = sum(v**2) / 2 (tf.nn.l2_loss's definition, on any backend)."""
     excluded = {id(v) for v in exclude}
-    terms = [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables if id(v) not in excluded]
+    terms = [ops.sum(ops.square(ops.cast(v, "float32"))) / 2.0 for v in variables if id(v) not in excluded]
     if not terms:
-        return tf.constant(0.0, tf.float32)
-    return tf.cast(weight_decay, tf.float32) * tf.add_n(terms)
+        return ops.convert_to_tensor(0.0, "float32")
+    return ops.cast(weight_decay, "float32") * ops.sum(ops.stack(terms))
 
 
 def weight_decay_loss(
@@ -186,7 +187,7 @@ def weight_decay_loss(
     trainable_variables: Sequence[Any],
     supervised_head_kernels: Sequence[Any],
     exempt: Iterable[Any] = (),
-) -> tf.Tensor:
+) -> Any:
     """The weight-decay term the reference adds to the loss (scalar float32; 0 when nothing applies).
 
     lars: wd * sum(l2_loss) over `supervised_head_kernels` only -- LARS excludes the head from its own decay,

@@ -10,7 +10,7 @@ import math
 from typing import Any, Callable
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from simclr_tf.errors import UsageError
 from simclr_tf.sections import ScheduleConfig
@@ -128,22 +128,22 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.total_steps = int(total_steps)
         self.name = name
 
-    def __call__(self, step: Any) -> tf.Tensor:
-        with tf.name_scope(self.name):
-            step = tf.cast(step, tf.float32)
-            peak = tf.constant(self.peak_learning_rate, tf.float32)
-            warmup = float(self.warmup_steps)
-            decay_steps = float(self.total_steps - self.warmup_steps)
-            if self.warmup_steps > 0:
-                warm = peak * step / warmup
-            else:
-                warm = peak
-            if decay_steps > 0:
-                progress = tf.minimum(tf.maximum(step - warmup, 0.0), decay_steps) / decay_steps
-                cosine = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
-            else:
-                cosine = tf.zeros_like(peak)
-            return tf.where(step < warmup, warm, cosine)
+    def __call__(self, step: Any) -> Any:
+        # keras.ops only: the schedule drives LARS under fit() on any Keras backend.
+        step = ops.cast(step, "float32")
+        peak = ops.convert_to_tensor(self.peak_learning_rate, "float32")
+        warmup = float(self.warmup_steps)
+        decay_steps = float(self.total_steps - self.warmup_steps)
+        if self.warmup_steps > 0:
+            warm = peak * step / warmup
+        else:
+            warm = peak
+        if decay_steps > 0:
+            progress = ops.minimum(ops.maximum(step - warmup, 0.0), decay_steps) / decay_steps
+            cosine = peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        else:
+            cosine = ops.zeros_like(peak)
+        return ops.where(step < warmup, warm, cosine)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -155,7 +155,7 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def at_step(schedule: keras.optimizers.schedules.LearningRateSchedule,
-            step: tf.Variable) -> Callable[[], tf.Tensor]:
+            step: Any) -> Callable[[], Any]:
     """The learning rate as a function of the run's step counter, for an optimizer's `learning_rate`.
 
     Keras evaluates a schedule at `optimizer.iterations`, which counts *applied* updates: a step that loss

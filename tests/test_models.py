@@ -58,8 +58,10 @@ def formula_backbone_params(depth: int, w: float, sk: bool) -> int:
     return total
 
 
+# ResNet-152 (12 s to build) is in the slow set; the default run checks the same block counts up to 101.
 @pytest.mark.parametrize("depth,width,sk,millions", [
-    (50, 1, False, 24), (50, 2, False, 94), (50, 1, True, 35), (101, 1, False, 43), (152, 1, False, 58)])
+    (50, 1, False, 24), (50, 2, False, 94), (50, 1, True, 35), (101, 1, False, 43),
+    pytest.param(152, 1, False, 58, marks=pytest.mark.slow)])
 def test_backbone_parameter_counts_match_simclrv2_table(depth, width, sk, millions):
     # Counted like the MANIFEST's official width-1 builds (23.56M R50, 35.28M R50-SK): all backbone variables
     # including BN moving statistics. They are part of the checkpoint, and trainable-only R101 (42.50M) would

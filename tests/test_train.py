@@ -46,8 +46,10 @@ def single_device_step(tmp_path_factory):
     return tmp_path, tiny, batch_path, init, run_worker(tmp_path, 1, tiny, batch_path, init)
 
 
-# 4 logical replicas on 2 cores take minutes (every collective waits for all four threads): slow set only.
-@pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
+# 4 logical replicas on 2 cores take minutes (every collective waits for all four threads): slow set only. The
+# default run checks the 2-replica step against one device in tests/test_keras_fit.py (one worker process that
+# also compares fit() with the CLI), so this separate 2-replica worker runs in the slow set too.
+@pytest.mark.parametrize("replicas", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_replicas_equal_single_device_step(single_device_step, replicas):
     """Loss, gradients and weights after one LARS step with sync BN: N replicas == 1 device."""
     tmp_path, tiny, batch_path, init, single = single_device_step
@@ -70,8 +72,9 @@ def test_replicas_equal_single_device_step(single_device_step, replicas):
 # 1 replica: the whole step is one XLA program. Several: XLA clusters per device between the collectives
 # (which once failed: "Trying to access resource .../replica_1/... located in device CPU:1 from device CPU:0").
 # Compiling the 2-replica step takes 3-5 minutes on 2 cores, a sixth of the CI budget: it runs with `make
-# test-all`; the default run compiles the 1-replica step.
-@pytest.mark.parametrize("replicas", [1, pytest.param(2, marks=pytest.mark.slow),
+# test-all`. The default run compiles the 1-replica step in tests/test_keras_fit.py's worker (beside other tests),
+# so this 1-replica worker of its own is in the slow set too.
+@pytest.mark.parametrize("replicas", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow),
                                       pytest.param(4, marks=pytest.mark.slow)])
 def test_jit_compiled_step_equals_single_device_step(single_device_step, replicas):
     """--jit_compile on N replicas: the same step as the plain single-device step, compiled by XLA."""

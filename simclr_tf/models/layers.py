@@ -40,10 +40,20 @@ def conv_initializer() -> keras.initializers.Initializer:
 
 def batch_norm(batch_norm_decay: float, global_bn: bool, init_zero: bool = False, center: bool = True,
                name: str | None = None) -> keras.layers.BatchNormalization:
-    """BN with the reference's epsilon 1e-5 (Keras' default is 1e-3) and decay as Keras momentum."""
+    """BN with the reference's epsilon 1e-5 (Keras' default is 1e-3) and decay as Keras momentum.
+
+    `global_bn` (statistics over all replicas) needs tf.distribute, i.e. the TensorFlow backend; on the other
+    Keras backends, which train on one device here, it is a no-op.
+    """
     return keras.layers.BatchNormalization(
         momentum=batch_norm_decay, epsilon=BATCH_NORM_EPSILON, center=center, scale=True,
-        gamma_initializer="zeros" if init_zero else "ones", synchronized=global_bn, name=name)
+        gamma_initializer="zeros" if init_zero else "ones", synchronized=global_bn and synchronized_bn_available(),
+        name=name)
+
+
+def synchronized_bn_available() -> bool:
+    """Whether Keras can synchronise BatchNormalization across replicas (only its TensorFlow backend can)."""
+    return keras.backend.backend() == "tensorflow"
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

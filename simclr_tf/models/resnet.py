@@ -212,6 +212,12 @@ class ResNet(CompositeLayer):
     def frozen_parts(self) -> list[CompositeLayer]:
         return self.parts()[: self.fine_tune_after_block + 1]
 
+    def build(self, input_shape) -> None:
+        # A symbolic pass creates every variable, so a Keras model that holds this layer (functional models
+        # rebuilt by keras.saving, BackupAndRestore) finds it built; no pixels are computed.
+        self.call(keras.KerasTensor(tuple(input_shape)))
+        self.built = True
+
     def call(self, inputs, training=None):
         frozen = self.fine_tune_after_block + 1
         initial_conv, x = self.stem(inputs, training=False if frozen > 0 else training)

@@ -98,6 +98,10 @@ class SimCLRModel(keras.Model):
             leaves += self.supervised_head.leaf_layers()
         return leaves
 
+    def export_overrides(self) -> dict:
+        """Config changes of the single-device copy that `simclr_tf.export` saves (see export.export_copy)."""
+        return {"fine_tune_after_block": -1, "linear_eval_stop_gradient": False, "global_bn": False}
+
     def get_config(self) -> dict:
         return {"name": self.name, "trainable": self.trainable, "resnet_depth": self.resnet_depth,
                 "width_multiplier": self.width_multiplier, "sk_ratio": self.sk_ratio, "se_ratio": self.se_ratio,

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from simclr_tf.memory import NegativesMemory
 from simclr_tf.models import SimCLRModel
-from simclr_tf.tasks.base import Task, supervised_terms
+from simclr_tf.losses import supervised_terms
+from simclr_tf.tasks.base import Task
 from simclr_tf.tasks.finetune import DistillTask, FinetuneTask
 from simclr_tf.tasks.pretrain import PretrainTask
 

@@ -13,23 +13,6 @@ from simclr_tf.sections import OptimConfig
 Metrics = Dict[str, tf.Tensor]
 
 
-def supervised_terms(logits: tf.Tensor, labels: tf.Tensor) -> Metrics:
-    """Mean cross-entropy (`sup_loss`) and accuracy (`sup_acc`) over the examples with a label (label >= 0).
-
-    Args:
-        logits: [b, classes], any float dtype (computed in float32).
-        labels: [b] int, -1 where an example has no label.
-    """
-    logits = tf.cast(logits, tf.float32)
-    valid = labels >= 0
-    safe = tf.where(valid, labels, tf.zeros_like(labels))
-    ce = tf.keras.losses.sparse_categorical_crossentropy(safe, logits, from_logits=True)
-    w = tf.cast(valid, tf.float32)
-    n = tf.maximum(tf.reduce_sum(w), 1.0)
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=safe.dtype), safe), tf.float32)
-    return {"sup_loss": tf.reduce_sum(ce * w) / n, "sup_acc": tf.reduce_sum(correct * w) / n}
-
-
 class Task(abc.ABC):
     """One train mode: the objective of one per-replica batch, on a model built by the caller.
 

@@ -8,7 +8,8 @@ import tensorflow as tf
 from simclr_tf import losses
 from simclr_tf.models import SimCLRModel
 from simclr_tf.sections import DistillConfig, OptimConfig
-from simclr_tf.tasks.base import Metrics, Task, supervised_terms
+from simclr_tf.losses import supervised_terms
+from simclr_tf.tasks.base import Metrics, Task
 
 
 class FinetuneTask(Task):

@@ -9,7 +9,7 @@ from simclr_tf import losses
 from simclr_tf.memory import NegativesMemory
 from simclr_tf.models import SimCLRModel
 from simclr_tf.sections import ContrastConfig, OptimConfig
-from simclr_tf.tasks.base import Metrics, Task, supervised_terms
+from simclr_tf.tasks.base import Metrics, Task
 
 
 class PretrainTask(Task):
@@ -32,8 +32,7 @@ class PretrainTask(Task):
         self.memory = memory
 
     def objective(self, images: tf.Tensor, labels: tf.Tensor) -> Tuple[tf.Tensor, Metrics]:
-        # [b, S, S, 6] -> [2b, S, S, 3]: all first views, then all second views (NT-Xent's row order).
-        views = tf.concat(tf.split(images, 2, axis=-1), axis=0)
+        views = losses.view_rows(images)
         out = self.model(views, training=True)
         memory_args: Dict[str, Any] = {}
         if self.memory is not None:
@@ -42,17 +41,11 @@ class PretrainTask(Task):
             # The copy's keys are made here, where the views are, but held by the memory until after_step
             # writes them in this same trace of the step: this loss uses the queue as it was, never its own keys.
             self.memory.keys(views)
-        con = losses.nt_xent(out["proj_head_output"], temperature=self.contrast.temperature,
-                             hidden_norm=self.contrast.hidden_norm, **memory_args)
-        loss = con.loss
-        metrics = dict(contrast_loss=con.loss, contrast_acc=con.contrast_acc,
-                       contrast_entropy=con.contrast_entropy)
+        loss, metrics = losses.pretraining_objective(out, labels, temperature=self.contrast.temperature,
+                                                     hidden_norm=self.contrast.hidden_norm,
+                                                     linear_eval=self.linear_eval, **memory_args)
         if self.memory is not None:
             metrics["memory_fill"] = self.memory.fill_fraction()
-        if self.linear_eval:
-            sup = supervised_terms(out["logits_sup"], tf.concat([labels, labels], 0))
-            loss += sup["sup_loss"]
-            metrics.update(sup)
         return loss, metrics
 
     def before_steps(self) -> None:
