@@ -1,8 +1,10 @@
-"""SimCLRv2's memory of negatives on the CIFAR-10 dev subset: the same pretraining with the memory off and on,
-side by side at a small batch and equal steps, then linear-eval and kNN top-1 of each encoder, the time per step
-and what the memory costs in memory.
+"""Two variants of the same pretraining on the CIFAR-10 dev subset, side by side at equal steps: SimCLRv2's memory
+of negatives off vs on (`--compare memory`, the default), or float32 vs mixed bfloat16 compute (`--compare
+precision`, the accuracy-parity check of a faster path); then linear-eval and kNN top-1 of each encoder, the time
+per step and what the run costs in memory.
 
     python bench/memory.py --data ../shared/data/cifar10_dev.npz --steps 2000 --seeds 0,1 --out runs/bench/memory.md
+    python bench/memory.py --compare precision --steps 400 --seeds 0,1 --out runs/bench/precision.md
 
 Every (variant, seed) row runs in its own process (`common.run_row`, which also reports its peak RSS), with the
 protocol of bench/accuracy.py (its `make_config` and `evaluate`: ResNet-18 CIFAR stem width 0.25, LARS, τ 0.5,
@@ -34,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 DEFAULT_DATA = os.path.join(common.REPO_DIR, "..", "shared", "data", "cifar10_dev.npz")
-VARIANTS = ("off", "on")
+COMPARISONS = {"memory": ("off", "on"), "precision": ("float32", "bfloat16")}
+VARIANTS = tuple(v for variants in COMPARISONS.values() for v in variants)
 
 
 def row(args: argparse.Namespace) -> None:
@@ -57,7 +60,8 @@ def row(args: argparse.Namespace) -> None:
                                       learning_rate=args.learning_rate, warmup_epochs=args.warmup_epochs)
         config = config_lib.validate(accuracy.make_config(protocol, workdir, args.steps, chunk).replace(
             seed=args.seed, memory_size=args.memory_size if args.variant == "on" else 0,
-            memory_momentum=args.memory_momentum))
+            memory_momentum=args.memory_momentum,
+            mixed_precision=args.variant == "bfloat16"))  # the CLI's policy on a CPU: mixed_bfloat16
         strategy, source = simclr_app.prepare(config, log=lambda _: None)
         lines: List[tuple] = []
         trainer = Trainer(config, strategy, source, log=lambda m: lines.append((time.monotonic(), m)))
@@ -84,23 +88,30 @@ def row(args: argparse.Namespace) -> None:
 
 def table(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     """The Markdown report: one line per run, then the mean over seeds per variant."""
-    out = [f"# Memory of negatives: off vs on (CIFAR-10 dev, batch {args.batch}, {args.steps} steps)", "",
+    first, second = COMPARISONS[args.compare]
+    memory = args.compare == "memory"
+    title = "Memory of negatives" if memory else "Compute precision"
+    out = [f"# {title}: {first} vs {second} (CIFAR-10 dev, batch {args.batch}, {args.steps} steps)", "",
            f"`{' '.join(['python', 'bench/memory.py', *sys.argv[1:]])}`", "",
            f"ResNet-{args.depth} width {args.width:g}, CIFAR stem, LARS lr {args.learning_rate:g} (linear scaling), "
-           f"warmup {args.warmup_epochs:g} epoch(s) then cosine, τ 0.5; memory on: K = {args.memory_size}, "
-           f"m = {args.memory_momentum:g}. Linear eval and weighted kNN (k = 200) on the frozen h, as "
-           "bench/accuracy.py. s/step: in-process, after the first (tracing) chunk. Queue: K × d × 4 bytes; "
-           "copy: the momentum encoder's weights (backbone + head, float32). Peak RSS: the whole row process.", "",
-           "| memory | seed | steps | linear top-1 | kNN top-1 | s/step | contrast_acc (last chunk) "
-           "| queue MiB | copy MiB | peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"warmup {args.warmup_epochs:g} epoch(s) then cosine, τ 0.5; "
+           + (f"memory on: K = {args.memory_size}, m = {args.memory_momentum:g}. " if args.compare == "memory" else
+              "bfloat16: --mixed_precision (bfloat16 compute; float32 variables, loss, BN statistics, optimizer). ")
+           + "Linear eval and weighted kNN (k = 200) on the frozen h, as "
+           "bench/accuracy.py. s/step: in-process, after the first (tracing) chunk. "
+           + ("Queue: K × d × 4 bytes; copy: the momentum encoder's weights (backbone + head, float32). " if memory
+              else "") + "Peak RSS: the whole row process.", "",
+           f"| {args.compare} | seed | steps | linear top-1 | kNN top-1 | s/step | contrast_acc (last chunk) "
+           + ("| queue MiB | copy MiB " if memory else "") + "| peak RSS MiB |",
+           "|---|---|---|---|---|---|---|" + ("---|---|" if memory else "") + "---|"]
     for r in results:
         out.append(f"| {r['variant']} | {r['seed']} | {r['steps']} | {100 * r['linear_top1']:.1f}% "
                    f"| {100 * r['knn_top1']:.1f}% | {r['seconds_per_step']:.3f} "
-                   f"| {r['final_metrics'].get('contrast_acc', float('nan')):.3f} | {r['queue_mib']:.2f} "
-                   f"| {r['copy_mib']:.2f} | {r['peak_rss_mb']:.0f} |")
-    out += ["", "| memory | runs | mean linear top-1 | mean kNN top-1 | mean s/step |", "|---|---|---|---|---|"]
-    for variant in VARIANTS:
+                   f"| {r['final_metrics'].get('contrast_acc', float('nan')):.3f} "
+                   + (f"| {r['queue_mib']:.2f} | {r['copy_mib']:.2f} " if memory else "")
+                   + f"| {r['peak_rss_mb']:.0f} |")
+    out += ["", f"| {args.compare} | runs | mean linear top-1 | mean kNN top-1 | mean s/step |", "|---|---|---|---|---|"]
+    for variant in COMPARISONS[args.compare]:
         rows = [r for r in results if r["variant"] == variant]
         if rows:
             out.append(f"| {variant} | {len(rows)} | {100 * statistics.mean(r['linear_top1'] for r in rows):.1f}% "
@@ -114,8 +125,8 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="npz with x_train, y_train, x_test, y_test")
     parser.add_argument("--steps", type=int, default=2000, help="training steps of every run (equal for both)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every seed runs both variants")
-    parser.add_argument("--out", default=os.path.join(common.REPO_DIR, "runs", "bench", "memory.md"),
-                        help="where the Markdown table goes")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="memory")
+    parser.add_argument("--out", default=None, help="where the Markdown table goes (default runs/bench/COMPARE.md)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--memory_size", type=int, default=4096)
     parser.add_argument("--memory_momentum", type=float, default=0.99)
@@ -129,6 +140,7 @@ def main() -> None:
     if args.variant:
         row(args)
         return
+    args.out = args.out or os.path.join(common.REPO_DIR, "runs", "bench", f"{args.compare}.md")
     if not os.path.exists(args.data):
         print(f"skipped: {args.data} not found (the CIFAR-10 dev subset lives in ../shared/data)")
         return
@@ -138,7 +150,7 @@ def main() -> None:
               "--warmup_epochs", str(args.warmup_epochs)]
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for variant in VARIANTS:  # alternate, so a change in the machine's load hits both alike
+        for variant in COMPARISONS[args.compare]:  # alternate, so a change in the machine's load hits both alike
             result = common.run_row("memory.py", shared + ["--variant", variant, "--seed", str(seed)])
             if result is None:
                 sys.exit(f"the {variant} run with seed {seed} failed")
