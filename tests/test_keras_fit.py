@@ -155,6 +155,19 @@ def test_our_resnet_exclusions_match_the_cli():
     assert any("bias" in v.path for v in cli.backbone.weights if id(v) in fit_exempt)  # SE biases counted
 
 
+def test_endless_dataset_without_steps_per_epoch_is_one_clear_error():
+    from simclr_tf.errors import UsageError
+
+    x = np.random.RandomState(0).randint(0, 256, (32, 16, 16, 3)).astype(np.uint8)
+    views = simclr_tf.data.pretraining_dataset(x, image_size=16, batch_size=8, use_blur=False)
+    model = tiny_simclr(num_classes=0)
+    model.compile(optimizer=simclr_tf.LARS(0.1))
+    with pytest.raises(UsageError, match="steps_per_epoch"):
+        model.fit(views, epochs=1)
+    assert not model.optimizer.iterations.numpy()  # refused before any step
+    assert simclr_tf.data.steps_per_epoch(x, 8) == 4
+
+
 # ------------------------------------------------------------------------------------------ collapse monitor
 
 

@@ -202,6 +202,16 @@ class SimCLR(keras.Model):
         super().compile(optimizer=optimizer, **kwargs)
         self._exclude_from_weight_decay()
 
+    def fit(self, x: Any = None, y: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Keras's fit; refuses an endless dataset without `steps_per_epoch` (its first epoch would never end)."""
+        if not args and kwargs.get("steps_per_epoch") is None and _is_endless(x):
+            raise UsageError("steps_per_epoch", "the dataset never ends (simclr_tf.data.pretraining_dataset is an "
+                                                "endless stream): pass fit(..., steps_per_epoch=N), e.g. "
+                                                "simclr_tf.data.steps_per_epoch(data, batch_size)")
+        if _is_dataset(x):
+            kwargs.setdefault("shuffle", False)  # a tf.data input is shuffled by its pipeline (Keras would warn)
+        return super().fit(x, y, *args, **kwargs)
+
     def compile_from_config(self, config: dict) -> None:
         # Keras skips restoring the compile state of models that override compile(); ours only adds the
         # weight-decay exclusions, so the saved optimizer (and with it its slots) comes back as Keras would.
@@ -261,6 +271,14 @@ class SimCLR(keras.Model):
     def export_overrides(self) -> dict:
         """Config changes of the single-device copy that `simclr_tf.export` saves (plain BN, gradients to h)."""
         return {"global_bn": False, "linear_head_stop_gradient": False}
+
+
+def _is_dataset(x: Any) -> bool:
+    return hasattr(x, "cardinality") and hasattr(x, "element_spec")  # a tf.data.Dataset, without importing TF
+
+
+def _is_endless(x: Any) -> bool:
+    return _is_dataset(x) and int(x.cardinality()) == -1  # tf.data.INFINITE_CARDINALITY
 
 
 def _portable(config: Any) -> Any:
