@@ -15,6 +15,8 @@ from simclr_tf.errors import UsageError
 
 
 def _features(model: keras.Model, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    # Not features.extract_features: that one traces the model in a tf.function under a tf.distribute strategy,
+    # which a model on the JAX backend cannot run; `embed` on numpy batches runs on any backend.
     features, labels = [], []
     for images, y in dataset.as_numpy_iterator():
         features.append(keras.ops.convert_to_numpy(model.embed(images)))

@@ -71,16 +71,11 @@ def _cross_entropy(labels: Any, logits: Any) -> Any:
     return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
-def _log_normaliser(blocks: list, extra: Optional[Any] = None) -> Any:
-    """log sum exp over the columns of `blocks` (and of `extra`), per row.
-
-    `extra` is added as log(e^a + e^b) = a + log1p(e^(b - a)): when all its entries are masked (-1e9) or it has no
-    columns, e^(b - a) is exactly 0 and the result is exactly the normaliser without it.
-    """
-    lse = ops.logsumexp(ops.concatenate(blocks, 1) if len(blocks) > 1 else blocks[0], axis=1)
-    if extra is not None:
-        lse = lse + ops.log1p(ops.exp(ops.logsumexp(extra, axis=1) - lse))
-    return lse
+def _extra_normaliser(extra: Any, log_normaliser: Any) -> Any:
+    """log(e^a + e^b) - a per row, for a = `log_normaliser` and b = log sum exp of the columns of `extra`:
+    what adding `extra`'s columns to a softmax adds to its log-normaliser. a + log1p(e^(b - a)) is exact
+    when every entry of `extra` is masked (-1e9) or it has no columns: e^(b - a) is then exactly 0."""
+    return ops.log1p(ops.exp(ops.logsumexp(extra, axis=1) - log_normaliser))
 
 
 def _entropy_terms(log_prob: Any) -> Any:
@@ -146,24 +141,31 @@ def nt_xent(z: Any, *, temperature: float, hidden_norm: bool = True,
         logits_am = similarities(z1, memory) - empty
         logits_bm = similarities(z2, memory) - empty
 
-    # CE([ab|aa(|am)], g) = log-normaliser - the positive, which sits in column g of the cross-view block. The
-    # memory's columns enter the normaliser as a separate term, so an empty or unfilled memory adds exactly 0.
-    positive_a = ops.take_along_axis(logits_ab, labels[:, None], axis=1)[:, 0]
-    positive_b = ops.take_along_axis(logits_ba, labels[:, None], axis=1)[:, 0]
-    loss_a = _log_normaliser([logits_ab, logits_aa], logits_am) - positive_a
-    loss_b = _log_normaliser([logits_ba, logits_bb], logits_bm) - positive_b
+    # The positive sits in column g of the first (cross-view) block, so the sparse label is g itself.
+    loss_a = _cross_entropy(labels, ops.concatenate([logits_ab, logits_aa], 1))
+    loss_b = _cross_entropy(labels, ops.concatenate([logits_ba, logits_bb], 1))
+    if logits_am is not None:
+        # The memory's columns join the normaliser as a separate term, on top of the plain cross-entropy (whose
+        # normaliser is CE + the positive logit): an empty or unfilled memory adds exactly 0, and the fused
+        # cross-entropy kernel keeps its memory footprint.
+        for_a = loss_a + ops.take_along_axis(logits_ab, labels[:, None], axis=1)[:, 0]
+        for_b = loss_b + ops.take_along_axis(logits_ba, labels[:, None], axis=1)[:, 0]
+        loss_a = loss_a + _extra_normaliser(logits_am, for_a)
+        loss_b = loss_b + _extra_normaliser(logits_bm, for_b)
     loss = ops.mean(loss_a + loss_b)
 
     # Metrics over the candidates a view-1 row can pick: the view-2 rows (and the memory).
-    predicted = ops.cast(ops.argmax(logits_ab, axis=1), "int32")
-    if logits_am is not None:
-        predicted = ops.cast(ops.argmax(ops.concatenate([logits_ab, logits_am], 1), axis=1), "int32")
+    candidates = logits_ab if logits_am is None else ops.concatenate([logits_ab, logits_am], 1)
+    predicted = ops.cast(ops.argmax(candidates, axis=1), "int32")
     contrast_acc = ops.mean(ops.cast(ops.equal(predicted, labels), "float32"))
-    # Exact entropy from log-probabilities; the reference adds 1e-8 inside the log, a difference below 1e-7.
-    normaliser = _log_normaliser([logits_ab], logits_am)[:, None]
-    entropy = _entropy_terms(logits_ab - normaliser)
-    if logits_am is not None:
-        entropy = entropy + _entropy_terms(logits_am - normaliser)  # masked columns: exp = 0, so they add 0
+    # Exact entropy from log-softmax; the reference adds 1e-8 inside the log, a difference below 1e-7.
+    log_prob = ops.log_softmax(logits_ab, axis=1)
+    entropy = _entropy_terms(log_prob)
+    if logits_am is not None:  # the same split of the normaliser: an empty memory leaves the entropy as it is
+        normaliser = logits_ab[:, 0] - log_prob[:, 0]
+        shift = _extra_normaliser(logits_am, normaliser)[:, None]
+        entropy = (_entropy_terms(log_prob - shift)
+                   + _entropy_terms(logits_am - (normaliser[:, None] + shift)))  # masked columns: exp 0, add 0
     contrast_entropy = ops.mean(entropy)
     return NTXentOutput(loss, logits_ab, labels, contrast_acc, contrast_entropy)
 
@@ -219,7 +221,6 @@ def pretraining_objective(outputs: dict[str, Any], labels: Any, *, temperature: 
     loss = con.loss
     metrics = dict(contrast_loss=con.loss, contrast_acc=con.contrast_acc, contrast_entropy=con.contrast_entropy)
     if linear_eval:
-        labels = ops.cast(labels, "int32")
         sup = supervised_terms(outputs["logits_sup"], ops.concatenate([labels, labels], 0))
         loss = loss + sup["sup_loss"]
         metrics.update(sup)

@@ -48,10 +48,8 @@ def as_source(data: Data, *, eval_data: Optional[Tuple[np.ndarray, np.ndarray]] 
     splits = {"train": Arrays(images, labels)}
     if eval_data is not None:
         splits["test"] = Arrays(np.asarray(eval_data[0]), np.asarray(eval_data[1], np.int64))
-    labelled = [a.labels[a.labels >= 0] for a in splits.values()]
-    num_classes = 1 + max([int(y.max()) for y in labelled if len(y)] or [0])
-    return in_memory_source(name, splits, "train", "test" if eval_data is not None else None,
-                            num_classes=num_classes)
+    # in_memory_source counts the classes from the largest label (0 classes when every label is -1).
+    return in_memory_source(name, splits, "train", "test" if eval_data is not None else None)
 
 
 def pretraining_dataset(data: Data, *, image_size: int, batch_size: int, seed: Optional[int] = None,

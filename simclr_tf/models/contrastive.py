@@ -9,7 +9,7 @@ for any Keras model. Written in keras.ops: it trains on the TensorFlow, JAX and 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import keras
 from keras import ops
@@ -19,11 +19,7 @@ from simclr_tf.errors import UsageError
 from simclr_tf.models.heads import ProjectionHead, SupervisedHead
 from simclr_tf.models.layers import synchronized_bn_available
 from simclr_tf.models.resnet import PACKAGE
-
-# Layers whose parameters are normalisation scales and shifts: kept out of weight decay and LARS's trust
-# ratio, as the reference does with BN.
-NORMALIZATION_LAYERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
-                        keras.layers.GroupNormalization)
+from simclr_tf.models.simclr import exempt_from_weight_decay
 
 
 def projection_std(z: Any) -> Any:
@@ -168,32 +164,25 @@ class SimCLR(keras.Model):
 
     def weight_decay_exempt_variables(self) -> list[keras.Variable]:
         """Normalisation scales/shifts, every bias, and the linear head: selected by layer type and object."""
-        exempt: dict[int, keras.Variable] = {}
-        for layer in self._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, NORMALIZATION_LAYERS):
-                variables: Iterable[Any] = layer.trainable_weights
-            else:
-                bias = getattr(layer, "bias", None)
-                variables = [bias] if isinstance(bias, keras.Variable) else []
-            for variable in variables:
-                exempt.setdefault(id(variable), variable)
-        if self.supervised_head is not None:
-            for variable in self.supervised_head.weights:
-                exempt.setdefault(id(variable), variable)
-        return list(exempt.values())
+        return exempt_from_weight_decay(self._flatten_layers(include_self=False, recursive=True),
+                                        self.supervised_head)
 
     def _exclude_from_weight_decay(self) -> None:
         # Needs both the variables (build) and the optimizer (compile), which come in either order.
-        optimizer = getattr(self, "optimizer", None)
-        if not self.built or optimizer is None:
+        inner = self._inner_optimizer()
+        if not self.built or inner is None:
             return
         from simclr_tf.optimizers import LARS
 
-        inner = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
         if isinstance(inner, LARS):
             inner.exclude_variables(self.weight_decay_exempt_variables())
         elif getattr(inner, "weight_decay", None):
             inner.exclude_from_weight_decay(var_list=self.weight_decay_exempt_variables())
+
+    def _inner_optimizer(self) -> Any:
+        """The compiled optimizer (inside a LossScaleOptimizer when there is one); None before compile."""
+        optimizer = getattr(self, "optimizer", None)
+        return getattr(optimizer, "inner_optimizer", optimizer)
 
     def compile(self, optimizer: Any = "rmsprop", **kwargs: Any) -> None:
         """Keras's compile; `loss` is SimCLR's own and must not be given."""
@@ -224,8 +213,7 @@ class SimCLR(keras.Model):
         (LARS decays everything else inside its update); with other optimizers nothing (their own decay)."""
         from simclr_tf.optimizers import LARS, l2_regularization
 
-        optimizer = getattr(self, "optimizer", None)
-        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        inner = self._inner_optimizer()
         head = self.supervised_head
         if not isinstance(inner, LARS) or head is None or not head.trainable:
             return ops.convert_to_tensor(0.0, "float32")

@@ -1,7 +1,7 @@
 """SimCLRModel: backbone + projection head + supervised head, freezing and weight-decay exclusions."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import keras
 from keras import ops
@@ -123,18 +123,40 @@ def batch_norm_variables(model: SimCLRModel) -> list[keras.Variable]:
             for v in (layer.gamma, layer.beta) if v is not None]
 
 
+# Layers whose parameters are normalisation scales and shifts: kept out of weight decay and LARS's trust ratio,
+# as the reference does with BN.
+NORMALIZATION_LAYERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                        keras.layers.GroupNormalization)
+
+
+def exempt_from_weight_decay(layers: Iterable[keras.layers.Layer],
+                             supervised_head: Optional[keras.layers.Layer]) -> list[keras.Variable]:
+    """Normalisation scales and shifts, every bias, and the whole supervised head, once each, selected by layer
+    type and object (docs/design.md §6.2): the one rule for the CLI's network and for fit()'s any encoder.
+
+    Args:
+        layers: every layer that may hold such variables (leaf layers, or a recursive flattening).
+        supervised_head: the linear head (it gets its own L2 term in the loss); None: none.
+    """
+    exempt = []
+    for layer in layers:
+        if isinstance(layer, NORMALIZATION_LAYERS):
+            exempt += [getattr(layer, "gamma", None), getattr(layer, "beta", None)]
+        else:
+            exempt.append(getattr(layer, "bias", None))
+    if supervised_head is not None:
+        exempt += list(supervised_head.weights)
+    unique: dict[int, keras.Variable] = {}
+    for variable in exempt:
+        if isinstance(variable, keras.Variable):  # not None, nor a custom layer's non-variable `bias`
+            unique.setdefault(id(variable), variable)
+    return list(unique.values())
+
+
 def weight_decay_exempt_variables(model: SimCLRModel) -> list[keras.Variable]:
     """Variables LARS leaves out of weight decay and trust-ratio scaling (docs/design.md §6.2).
 
     BN gammas and betas, every bias (squeeze-excite convs), and the whole supervised head (it gets its own
     L2 term in the loss). Selected by layer object, so renamed or nested layers cannot slip through.
     """
-    exempt = batch_norm_variables(model)
-    exempt += [layer.bias for layer in model.leaf_layers()
-               if not isinstance(layer, keras.layers.BatchNormalization) and getattr(layer, "bias", None) is not None]
-    if model.supervised_head is not None:
-        exempt += list(model.supervised_head.weights)
-    unique: dict[int, keras.Variable] = {}
-    for variable in exempt:
-        unique.setdefault(id(variable), variable)
-    return list(unique.values())
+    return exempt_from_weight_decay(model.leaf_layers(), model.supervised_head)
