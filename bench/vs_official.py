@@ -69,6 +69,7 @@ VARIANTS: Dict[str, List[str]] = {"float32": [], "mixed": ["--mixed_precision"]}
 OFFICIAL_STEP = re.compile(r"Completed: (\d+) / (\d+) steps")
 OURS_STEP = re.compile(r"^step (\d+)/(\d+) ")
 TIME_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+TIME_CPU = re.compile(r"(?:User|System) time \(seconds\): ([0-9.]+)")
 
 
 def flag_value(flags: List[str], name: str) -> str:
@@ -130,15 +131,17 @@ def run_one(command: List[str], step_pattern: "re.Pattern[str]", log_path: str, 
     wall = time.monotonic() - t0
     with open(log_path, "w") as f:
         f.write(" ".join(command) + "\n" + "\n".join(transcript) + "\n")
-    rss = None
+    rss = cpu = None
     if os.path.exists(time_file):
         with open(time_file) as f:
-            found = TIME_RSS.search(f.read())
+            text = f.read()
+        found = TIME_RSS.search(text)
         rss = int(found.group(1)) / 1024.0 if found else None
+        cpu = sum(float(v) for v in TIME_CPU.findall(text)) or None
     if proc.returncode != 0 or not steps:
         tail = "\n".join(transcript[-12:])
         raise RuntimeError(f"exit {proc.returncode}, {len(steps)} step lines; see {log_path}\n{tail}")
-    return {"steps": steps, "peak_rss_mib": rss, "wall_s": wall, "rss_samples": samples}
+    return {"steps": steps, "peak_rss_mib": rss, "wall_s": wall, "cpu_s": cpu, "rss_samples": samples}
 
 
 def summarise(run: Dict, batch: int) -> Dict[str, Optional[float]]:
@@ -151,7 +154,8 @@ def summarise(run: Dict, batch: int) -> Dict[str, Optional[float]]:
     training = [mib for t, mib in run["rss_samples"] if t <= last]
     after = [mib for t, mib in run["rss_samples"] if t > last]
     return {"img_s": batch / median_step if median_step else None, "first_step_s": steps[order[0]],
-            "wall_s": run["wall_s"], "peak_rss_mib": run["peak_rss_mib"], "step_s": median_step,
+            "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "peak_rss_mib": run["peak_rss_mib"],
+            "step_s": median_step,
             # Where the peak is: up to the last step's line (training) and after it (saving, exporting).
             "training_rss_mib": max(training) if training else None,
             "after_training_rss_mib": max(after) if after else None}
@@ -180,7 +184,8 @@ def table(results: Dict, variants: List[str]) -> str:
     """Markdown: per config and metric, official's median value and each variant's per-round ratio."""
     metrics = [("img_s", "steady img/s"), ("peak_rss_mib", "peak RSS MiB"),
                ("training_rss_mib", "RSS up to the last step (MiB, sampled)"),
-               ("first_step_s", "launch -> end of step 1 (s)"), ("wall_s", "whole job (s)")]
+               ("first_step_s", "launch -> end of step 1 (s)"), ("wall_s", "whole job (s)"),
+               ("cpu_s", "whole job CPU-s (user + sys)")]
     head = "| config | metric | official | " + " | ".join(f"ours {v}: value, ratio" for v in variants) + " |"
     lines = [head, "|" + "---|" * (3 + len(variants))]
     for name, rounds in results.items():
@@ -286,6 +291,9 @@ def main() -> None:
                         help=".npz with x_train/y_train/x_test/y_test (uint8 NHWC)")
     parser.add_argument("--configs", default="r18,r50", help=f"comma-separated, of {sorted(CONFIGS)}")
     parser.add_argument("--variants", default="float32,mixed", help=f"our variants, of {sorted(VARIANTS)}")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="another variant of ours: a name and its extra flags, space-separated "
+                             "(e.g. 'localbn=--global_bn=False'); repeatable, added to --variants")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--work_dir", default=None, help="model dirs and logs (default: a temporary folder)")
@@ -317,6 +325,12 @@ def main() -> None:
         sys.exit("the official code needs tf_keras: pip install tf_keras (the version of your TensorFlow)")
     configs = args.configs.split(",")
     variants = args.variants.split(",")
+    for spec in args.variant:
+        name, _, extra = spec.partition("=")
+        if not name or not extra.startswith("--"):
+            sys.exit(f"--variant: expected NAME=--flag[ --flag...], got {spec!r}")
+        VARIANTS[name] = extra.split()
+        variants.append(name)
     for name in configs:
         if name not in CONFIGS:
             sys.exit(f"--configs: unknown {name!r}; known: {', '.join(CONFIGS)}")

@@ -246,7 +246,8 @@ def follow_and_evaluate(config: Config, source: DataSource, strategy, log: Calla
     """
     evaluation = source if eval_source is None else eval_source
     final_step = Schedule.from_config(config.schedule, source.num_train).train_steps
-    model = build_model(config.model, source.num_classes, strategy, mixed_precision=config.mixed_precision)
+    model = build_model(config.model, source.num_classes, strategy,
+                        mixed_precision=config.mixed_precision_request)
     step_var = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(model=model, global_step=step_var)
     result: Dict[str, float] = {}

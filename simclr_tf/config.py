@@ -20,7 +20,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 from absl import flags
 
@@ -122,8 +122,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (GPU/TPU users): one XLA program with one "
                       "replica; with several, each device's pieces between the cross-replica collectives "
                       "(sync BN, NT-Xent gather, gradient all-reduce).", **f)
-    flags.DEFINE_bool("mixed_precision", False, "mixed_bfloat16 on TPU, mixed_float16 on GPU; the loss stays "
-                      "float32.", **f)
+    flags.DEFINE_bool("mixed_precision", False, "Compute in a 16-bit type (--mixed_precision_dtype); variables, "
+                      "the loss and BN statistics stay float32.", **f)
+    flags.DEFINE_enum("mixed_precision_dtype", "auto", ["auto", "bfloat16", "float16"], "With --mixed_precision: "
+                      "the compute type. auto: bfloat16 where the devices compute in it natively (TPU, GPU of "
+                      "compute capability 8.0+, CPU with avx512_bf16/amx), float16 with loss scaling on older "
+                      "GPUs, float32 on other CPUs (bfloat16 is emulated there, many times slower).", **f)
     flags.DEFINE_string("eval_dataset", None, "A labelled dataset (same forms as --dataset) for evaluation and "
                         "the kNN monitor, e.g. while pretraining on unlabelled images: its 'train' split is the kNN "
                         "memory, --eval_split its held-out split. Default: --dataset.", **f)
@@ -203,6 +207,7 @@ class Config:
     steps_per_loop: int = 0
     jit_compile: bool = False
     mixed_precision: bool = False
+    mixed_precision_dtype: str = "auto"
     eval_dataset: Optional[str] = None
     knn_every_steps: int = 0
     knn_k: int = 200
@@ -223,6 +228,11 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def mixed_precision_request(self) -> Union[bool, str]:
+        """What `models.build_model(mixed_precision=...)` takes: False, or the requested dtype ("auto", ...)."""
+        return self.mixed_precision and self.mixed_precision_dtype
 
     @property
     def eval_split_named(self) -> bool:
@@ -304,6 +314,9 @@ def validate(config: Config) -> Config:
     if c.memory_size > 0 and c.train_mode != "pretrain":
         raise UsageError("--memory_size", f"the memory of negatives is part of the contrastive loss: only "
                          f"--train_mode=pretrain uses it, not {c.train_mode} (leave it at 0)")
+    if c.mixed_precision_dtype not in ("auto", "bfloat16", "float16"):
+        raise UsageError("--mixed_precision_dtype",
+                         f"must be auto, bfloat16 or float16, got {c.mixed_precision_dtype!r}")
     if c.num_cpu_replicas < 1:
         raise UsageError("--num_cpu_replicas", f"must be >= 1, got {c.num_cpu_replicas}")
     if c.keep_checkpoint_max < 1:

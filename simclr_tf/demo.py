@@ -46,7 +46,8 @@ def run_demo(config: config_lib.Config) -> dict:
     print("[demo] linear eval on frozen features (cached h, softmax classifier)", flush=True)
     pretrained = linear_eval.linear_eval(trainer.model, source, image_size=config.image_size,
                                          batch_size=config.eval_batch_size, seed=config.seed or 0)
-    random_init = build_model(config.model, source.num_classes, strategy, mixed_precision=config.mixed_precision)
+    random_init = build_model(config.model, source.num_classes, strategy,
+                              mixed_precision=config.mixed_precision_request)
     baseline = linear_eval.linear_eval(random_init, source, image_size=config.image_size,
                                        batch_size=config.eval_batch_size, seed=config.seed or 0)
     print()

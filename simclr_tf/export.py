@@ -30,9 +30,10 @@ earlier exports are untouched and no partial `<step>` folder appears.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -68,7 +69,7 @@ def export_copy(model: ExportableModel) -> ExportableModel:
     config = dict(model.get_config())
     config.update(model.export_overrides(), name=f"{model.name}_export")
     copy = type(model).from_config(config)
-    copy(tf.zeros([1, model.image_size, model.image_size, 3]), training=False)
+    copy.build((None, model.image_size, model.image_size, 3))  # symbolic: creates the weights, computes nothing
     source, target = model.weights, copy.weights
     if len(source) != len(target):
         raise RuntimeError(f"export copy has {len(target)} weights, the model {len(source)}")
@@ -111,6 +112,31 @@ def _assert_image_bytes(data: tf.Tensor) -> tf.Operation:
          "(indices) are not:", bad], summarize=10)
 
 
+# What `export_model` saves with; `ExportModule` traces `__call__` in the same save context (see below).
+SAVE_OPTIONS = tf.saved_model.SaveOptions()
+
+
+@contextlib.contextmanager
+def _as_when_saving(options: tf.saved_model.SaveOptions) -> Iterator[None]:
+    """Functions traced inside are traced as `tf.saved_model.save(..., options=options)` traces them.
+
+    The save context is part of a tf.function's trace key, so functions traced before `save` (the concrete
+    `__call__` functions, which must exist before it) are traced all over again inside it: tracing them here
+    under the same context lets `save` reuse them (each trace of a network is seconds at export). The context
+    manager is TensorFlow's internal one; without it the functions are merely traced twice.
+    """
+    try:
+        from tensorflow.python.saved_model import save_context
+    except ImportError:  # pragma: no cover - a TensorFlow without the module: trace twice, as before
+        yield
+        return
+    if save_context.in_save_context():
+        yield
+        return
+    with save_context.save_context(options):
+        yield
+
+
 class ExportModule(tf.Module):
     """The object `tf.saved_model.save` writes; see the module docstring for its interface."""
 
@@ -120,7 +146,10 @@ class ExportModule(tf.Module):
 
     def __init__(self, model: ExportableModel, image_size: int, class_names: Sequence[str] = ()) -> None:
         super().__init__(name="simclr_export")
-        self.model = model
+        # The network is reached through the functions' closures, not an attribute: as an attribute, the
+        # SavedModel would walk and serialise every Keras layer object (and trace the extra `serving_default`
+        # function each Keras model offers), which costs time at export and at every load and serves no one:
+        # the interface is the functions and the variable lists below.
         self.trainable_variables_list = [v.value for v in model.trainable_variables]
         self.variables_list = [v.value for v in model.variables]
         self.trainable_variables = list(self.trainable_variables_list)
@@ -166,16 +195,18 @@ class ExportModule(tf.Module):
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
             return inference(images)
 
+        self._model = lambda images, training: _outputs(model, images, training)  # a plain callable: untracked
         self.serving_float = serving_float
         self.serving_bytes = serving_bytes
-        spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-        self.__call__.get_concrete_function(spec, trainable=True)
-        self.__call__.get_concrete_function(spec, trainable=False)
+        spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+        with _as_when_saving(SAVE_OPTIONS):
+            self.__call__.get_concrete_function(spec, trainable=True)
+            self.__call__.get_concrete_function(spec, trainable=False)
 
     @tf.function
     def __call__(self, images, trainable):
         # `trainable` is a Python bool (one concrete function each), as in the reference's export.
-        return _outputs(self.model, images, True) if trainable else self._inference(images)
+        return self._model(images, True) if trainable else self._inference(images)
 
     def signatures(self) -> Dict[str, tf.types.experimental.PolymorphicFunction]:
         # The functions, not concrete functions traced here: `tf.saved_model.save` traces every function again
@@ -213,7 +244,7 @@ def export_model(model: ExportableModel, *, model_dir: str, step: int, image_siz
     try:
         copy = export_copy(model)
         module = ExportModule(copy, image_size, names)
-        tf.saved_model.save(module, tmp, signatures=module.signatures())
+        tf.saved_model.save(module, tmp, signatures=module.signatures(), options=SAVE_OPTIONS)
         copy.save(os.path.join(tmp, KERAS_FILENAME))
         _verify(tmp, copy, image_size, names)
         if tf.io.gfile.exists(final):  # re-export of the same step: swap, then drop the old one

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 import keras
 import tensorflow as tf
@@ -80,7 +80,7 @@ class NegativesMemory:
     """
 
     def __init__(self, online: SimCLRModel, model: ModelConfig, contrast: ContrastConfig,
-                 strategy: tf.distribute.Strategy, *, mixed_precision: bool = False) -> None:
+                 strategy: tf.distribute.Strategy, *, mixed_precision: Union[bool, str] = False) -> None:
         if contrast.memory_size <= 0:
             raise ValueError(f"memory_size: must be > 0 to build a memory, got {contrast.memory_size}")
         self.size = contrast.memory_size

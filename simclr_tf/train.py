@@ -55,7 +55,7 @@ class Trainer:
         self.eval_source = source if eval_source is None else eval_source
         self.schedule = schedules.Schedule.from_config(config.schedule, source.num_train)
         self.model = build_model(config.model, source.num_classes, strategy,
-                                 mixed_precision=config.mixed_precision)
+                                 mixed_precision=config.mixed_precision_request)
         self.task = tasks.build_task(config, self.model, teacher, strategy=strategy)
         with strategy.scope():
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -64,7 +64,7 @@ class Trainer:
             # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
             self.optimizer = optimizers.optimizer_for(
                 self.model, config.optim, schedules.at_step(rate, self.global_step),
-                loss_scaling=config.mixed_precision and mixed_precision_policy(strategy) == "mixed_float16")
+                loss_scaling=mixed_precision_policy(strategy, config.mixed_precision_request) == "mixed_float16")
         # The architecture travels inside every checkpoint, so whoever rebuilds the model from it (a
         # distillation teacher) builds the network that was trained, whatever flags they pass.
         # The task's own state (the memory of negatives: docs/design.md §4.4) is part of an exact resume.

@@ -231,7 +231,7 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_loss_and_variables(tm
     config = Config(model_dir=str(tmp_path / "mp"), dataset=f"npz:{tiny_npz}", train_split="train",
                     eval_split="test", mode="train", resnet_depth=18, width_multiplier=0.125, image_size=16,
                     num_proj_layers=2, temperature=0.5, use_blur=False, train_batch_size=8, train_steps=2,
-                    warmup_epochs=0, mixed_precision=True, seed=0)
+                    warmup_epochs=0, mixed_precision=True, mixed_precision_dtype="bfloat16", seed=0)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     trainer = Trainer(config, strategy, build_source(config.dataset, None, "train", "test"),
                       log=lambda _: None)
@@ -247,6 +247,30 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_loss_and_variables(tm
 
     z = tf.random.normal([8, 4], dtype=tf.bfloat16)
     assert losses.nt_xent(z, temperature=0.5).loss.dtype == tf.float32
+
+
+def test_mixed_precision_auto_picks_bfloat16_only_where_the_cpu_computes_in_it():
+    import tensorflow as tf
+
+    from simclr_tf.models.build import cpu_has_native_bfloat16, mixed_precision_policy
+
+    # /proc/cpuinfo lines of CPUs with and without bfloat16 arithmetic (x86 flags, aarch64 features).
+    assert cpu_has_native_bfloat16("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bfloat16("flags\t\t: fpu avx2 amx_tile amx_bf16 amx_int8\n")
+    assert cpu_has_native_bfloat16("Features\t: fp asimd sve bf16 i8mm\n")
+    assert not cpu_has_native_bfloat16("flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni\n")
+    assert not cpu_has_native_bfloat16("Features\t: fp asimd evtstrm aes\nmodel name\t: bf16 in a name\n")
+    assert not cpu_has_native_bfloat16("")
+
+    cpu = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert mixed_precision_policy(cpu, False) == "float32"
+    assert mixed_precision_policy(cpu, "bfloat16") == "mixed_bfloat16"
+    assert mixed_precision_policy(cpu, "float16") == "mixed_float16"
+    # On this machine's CPU, whatever it is: bfloat16 exactly when its cpuinfo names bfloat16 instructions.
+    expected = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+    assert mixed_precision_policy(cpu, True) == mixed_precision_policy(cpu, "auto") == expected
+    with pytest.raises(ValueError, match="request"):
+        mixed_precision_policy(cpu, "int8")
 
 
 def test_eval_mode_with_official_checkpoint_evaluates_and_exports_it(tmp_path, golden_dir):

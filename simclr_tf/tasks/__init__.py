@@ -29,7 +29,7 @@ def build_task(config, model: SimCLRModel, teacher: Optional[Callable] = None,
         memory = None
         if config.contrast.memory_size > 0:
             memory = NegativesMemory(model, config.model, config.contrast, strategy or tf.distribute.get_strategy(),
-                                     mixed_precision=config.mixed_precision)
+                                     mixed_precision=config.mixed_precision_request)
         return PretrainTask(model, config.optim, config.contrast, config.lineareval_while_pretraining, memory)
     if config.train_mode == "finetune":
         return FinetuneTask(model, config.optim)
