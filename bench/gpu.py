@@ -9,8 +9,9 @@ config, precision, XLA, images/s (an image = one pair of views), ms per step.
     python bench/gpu.py --configs r18_32 --batch 512 --steps 50
     KERAS_BACKEND=jax python bench/gpu.py ...        # force a backend
 
-Mixed precision is bfloat16 where the device supports it (TPUs, NVIDIA Ampere or newer, CPUs), else float16
-with loss scaling (Keras wraps the optimizer itself); variables, loss and optimizer state stay float32.
+Mixed precision is bfloat16 where the device computes in it natively (TPUs, NVIDIA Ampere or newer, CPUs with
+bfloat16 instructions), else float16 with loss scaling (Keras wraps the optimizer itself); variables, loss and
+optimizer state stay float32.
 """
 from __future__ import annotations
 
@@ -56,12 +57,17 @@ def accelerator() -> str:
 
 
 def supports_bfloat16() -> bool:
-    """bfloat16 compute is native: CPUs, TPUs, NVIDIA compute capability >= 8.0."""
+    """bfloat16 compute is native: TPUs, NVIDIA compute capability >= 8.0, CPUs with bfloat16 instructions
+    (the CLI's `--mixed_precision_dtype=auto` rule)."""
+    from simclr_tf.hardware import cpu_has_native_bfloat16
+
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
         device = jax.devices()[0]
+        if device.platform == "cpu":
+            return cpu_has_native_bfloat16()
         if device.platform != "gpu":
             return True
         return float(getattr(device, "compute_capability", "0")) >= 8.0
@@ -70,7 +76,7 @@ def supports_bfloat16() -> bool:
 
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
-            return True
+            return cpu_has_native_bfloat16()
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
         return tuple(capability) >= (8, 0)
     return False

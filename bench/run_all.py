@@ -5,7 +5,8 @@
 Rows: augmentation (batched vs per-image), training throughput (full step with the input pipeline, compute
 only, supervised Keras step, PyTorch step, FLOP/s vs matmul peak) for three model/size/batch settings,
 scaling with batch and with replicas, NT-Xent time vs batch, accuracy at a wall-clock budget. Each row prints
-its command in BENCHMARKS.md; `bench/optimisations.md` (the hand-written before/after log) is appended as is.
+its command in BENCHMARKS.md; the hand-written `bench/vs_official_recorded.md` (bench/vs_official.py's runs),
+`bench/distill_recorded.md` and `bench/optimisations.md` (the before/after log) are appended as is.
 `--quick` shrinks widths and steps to check the machinery in a few minutes (numbers not for publication).
 """
 from __future__ import annotations
@@ -270,7 +271,8 @@ def main() -> None:
         report.add("## Accuracy at a wall-clock budget", "", "Skipped: ../shared/data/cifar10_dev.npz is absent.", "")
     load = os.getloadavg()
     report.add(f"Load average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.", "")
-    for recorded in ("distill_recorded.md", "optimisations.md"):  # hand-written sections, appended as is
+    # Hand-written sections of runs too long or too special for `make bench`, appended as is.
+    for recorded in ("vs_official_recorded.md", "distill_recorded.md", "optimisations.md"):
         path = os.path.join(common.BENCH_DIR, recorded)
         if os.path.exists(path):
             with open(path) as f:

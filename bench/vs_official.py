@@ -64,7 +64,9 @@ COMMON_FLAGS = ["--use_tpu=False", "--train_mode=pretrain", "--mode=train", "--e
                 "--lineareval_while_pretraining=True", "--learning_rate=1.0", "--temperature=0.5",
                 "--weight_decay=1e-4"]
 # Our variants: name -> extra flags.
-VARIANTS: Dict[str, List[str]] = {"float32": [], "mixed": ["--mixed_precision"]}
+# `mixed` is the CLI's automatic choice (float32 on CPUs without bfloat16 instructions, where it is emulated).
+VARIANTS: Dict[str, List[str]] = {"float32": [], "mixed": ["--mixed_precision"],
+                                  "bfloat16": ["--mixed_precision", "--mixed_precision_dtype=bfloat16"]}
 
 OFFICIAL_STEP = re.compile(r"Completed: (\d+) / (\d+) steps")
 OURS_STEP = re.compile(r"^step (\d+)/(\d+) ")

@@ -252,7 +252,8 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_loss_and_variables(tm
 def test_mixed_precision_auto_picks_bfloat16_only_where_the_cpu_computes_in_it():
     import tensorflow as tf
 
-    from simclr_tf.models.build import cpu_has_native_bfloat16, mixed_precision_policy
+    from simclr_tf.hardware import cpu_has_native_bfloat16
+    from simclr_tf.models.build import mixed_precision_policy
 
     # /proc/cpuinfo lines of CPUs with and without bfloat16 arithmetic (x86 flags, aarch64 features).
     assert cpu_has_native_bfloat16("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n")
