@@ -159,6 +159,7 @@ class Trainer:
         input_fn = pipeline.build_input_fn(
             self.source, mode=cfg.train_mode, global_batch_size=cfg.train_batch_size, augment=cfg.augment,
             cache_dataset=cfg.cache_dataset, seed=cfg.seed, start_step=step, skipped=self.skipped)
+        input_fn = _ending_after(input_fn, sch.train_steps - step)
         iterator = iter(self.strategy.distribute_datasets_from_function(input_fn))
         self.log(f"training {cfg.train_mode} from step {step} to {sch.train_steps} "
                  f"(batch {cfg.train_batch_size}, {self.strategy.num_replicas_in_sync} replica(s), "
@@ -243,6 +244,20 @@ def _build_loop_fn(strategy: tf.distribute.Strategy, step_fn: Callable, global_s
         return means, bad_step
 
     return loop
+
+
+def _ending_after(input_fn: pipeline.InputFn, steps: int) -> pipeline.InputFn:
+    """`input_fn` cut to the batches of `steps` steps. An endless pipeline keeps preparing batches ahead of the
+    last step, and destroying its iterator after training waits for the ones in flight (at batch 256 that held
+    the end of a run, checkpoint and export, for 10+ seconds). `take` releases the pipeline below it as soon as
+    it hands out the last batch, so that wait overlaps the last step instead."""
+
+    def bounded(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        # Each step takes one batch for every replica this pipeline feeds.
+        per_step = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+        return input_fn(ctx).take(steps * per_step)
+
+    return bounded
 
 
 def _replica_shards(batches: Sequence[Batch]) -> pipeline.InputFn:
