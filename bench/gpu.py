@@ -74,11 +74,11 @@ def supports_bfloat16() -> bool:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
-        if not gpus:
+        from simclr_tf.models.build import gpus_have_native_bfloat16  # the CLI's rule
+
+        if not tf.config.list_physical_devices("GPU"):
             return cpu_has_native_bfloat16()
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-        return tuple(capability) >= (8, 0)
+        return gpus_have_native_bfloat16()
     return False
 
 

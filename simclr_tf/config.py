@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Union
 from absl import flags
 
 from simclr_tf.errors import ArgumentError, UsageError
+from simclr_tf.hardware import MIXED_PRECISION_DTYPES
 from simclr_tf.sections import (AugmentConfig, ContrastConfig, DistillConfig, ModelConfig, OptimConfig,
                                 ScheduleConfig, section_from)
 
@@ -124,7 +125,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "(sync BN, NT-Xent gather, gradient all-reduce).", **f)
     flags.DEFINE_bool("mixed_precision", False, "Compute in a 16-bit type (--mixed_precision_dtype); variables, "
                       "the loss and BN statistics stay float32.", **f)
-    flags.DEFINE_enum("mixed_precision_dtype", "auto", ["auto", "bfloat16", "float16"], "With --mixed_precision: "
+    flags.DEFINE_enum("mixed_precision_dtype", "auto", list(MIXED_PRECISION_DTYPES), "With --mixed_precision: "
                       "the compute type. auto: bfloat16 where the devices compute in it natively (TPU, GPU of "
                       "compute capability 8.0+, CPU with avx512_bf16/amx), float16 with loss scaling on older "
                       "GPUs, float32 on other CPUs (bfloat16 is emulated there, many times slower).", **f)
@@ -314,9 +315,9 @@ def validate(config: Config) -> Config:
     if c.memory_size > 0 and c.train_mode != "pretrain":
         raise UsageError("--memory_size", f"the memory of negatives is part of the contrastive loss: only "
                          f"--train_mode=pretrain uses it, not {c.train_mode} (leave it at 0)")
-    if c.mixed_precision_dtype not in ("auto", "bfloat16", "float16"):
+    if c.mixed_precision_dtype not in MIXED_PRECISION_DTYPES:
         raise UsageError("--mixed_precision_dtype",
-                         f"must be auto, bfloat16 or float16, got {c.mixed_precision_dtype!r}")
+                         f"must be one of {', '.join(MIXED_PRECISION_DTYPES)}, got {c.mixed_precision_dtype!r}")
     if c.num_cpu_replicas < 1:
         raise UsageError("--num_cpu_replicas", f"must be >= 1, got {c.num_cpu_replicas}")
     if c.keep_checkpoint_max < 1:

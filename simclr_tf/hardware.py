@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["cpu_has_native_bfloat16"]
+__all__ = ["MIXED_PRECISION_DTYPES", "cpu_has_native_bfloat16"]
+
+# What `--mixed_precision_dtype` may ask for: "auto" (what the devices compute in natively) or a 16-bit type.
+MIXED_PRECISION_DTYPES = ("auto", "bfloat16", "float16")
 
 # x86 flags (Intel Cooper Lake / Sapphire Rapids and AMD Zen 4 on) and the aarch64 feature (Armv8.6-A) that
 # name bfloat16 arithmetic. Without them TF's CPU kernels emulate bfloat16: a convolution's forward and

@@ -253,9 +253,7 @@ def _ending_after(input_fn: pipeline.InputFn, steps: int) -> pipeline.InputFn:
     it hands out the last batch, so that wait overlaps the last step instead."""
 
     def bounded(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        # Each step takes one batch for every replica this pipeline feeds.
-        per_step = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-        return input_fn(ctx).take(steps * per_step)
+        return input_fn(ctx).take(steps * pipeline.replicas_fed(ctx))
 
     return bounded
 

@@ -50,6 +50,15 @@ def shuffle_buffer_size(per_replica_batch: int, image_size: int) -> int:
     return per_replica_batch * (50 if image_size <= 32 else 10)
 
 
+def replicas_fed(ctx: tf.distribute.InputContext) -> int:
+    """How many replicas one input pipeline feeds: each training step takes that many of its batches.
+
+    Args:
+        ctx: the pipeline's input context.
+    """
+    return max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+
+
 def _check_args(mode: str, global_batch_size: int, seed: Optional[int]) -> None:
     if mode not in MODES:
         raise UsageError("--train_mode", f"must be one of {MODES}, got {mode!r}")
@@ -149,8 +158,7 @@ def build_input_fn(source: DataSource, *, mode: Mode, global_batch_size: int, au
         else:
             # Each step takes a batch for every replica this pipeline feeds (several when one host drives
             # several devices), so that is how far `start_step` steps moved the stream.
-            replicas_fed = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-            start = start_step * per_replica * replicas_fed
+            start = start_step * per_replica * replicas_fed(ctx)
             if decode_late:  # records skipped before the resumed step (listed by the earlier run) count too
                 start = pipeline_skipped.record_position(start)
             # Each epoch re-reads a multi-file source with a file order of its own; a cache is filled once, so

@@ -7,17 +7,16 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from simclr_tf.hardware import cpu_has_native_bfloat16
+from simclr_tf.hardware import MIXED_PRECISION_DTYPES, cpu_has_native_bfloat16
 from simclr_tf.models.simclr import SimCLRModel
 from simclr_tf.sections import ModelConfig
 
-# Mixed precision requests: False (float32), True / "auto" (the device's fast low-precision type), or a type.
-MIXED_PRECISION_DTYPES = ("auto", "bfloat16", "float16")
+# Mixed precision requests: False (float32), True (= "auto"), or one of MIXED_PRECISION_DTYPES.
 MixedPrecision = Union[bool, str]
 
 
-def _gpus_have_native_bfloat16() -> bool:
-    """NVIDIA GPUs compute in bfloat16 from compute capability 8.0 (Ampere) on."""
+def gpus_have_native_bfloat16() -> bool:
+    """Whether every visible GPU computes in bfloat16 natively: NVIDIA compute capability 8.0 (Ampere) on."""
     for gpu in tf.config.list_physical_devices("GPU"):
         capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
         if capability is None or tuple(capability) < (8, 0):
@@ -47,7 +46,7 @@ def mixed_precision_policy(strategy: tf.distribute.Strategy, request: MixedPreci
     if "TPU" in devices:
         return "mixed_bfloat16"
     if "GPU" in devices:
-        return "mixed_bfloat16" if _gpus_have_native_bfloat16() else "mixed_float16"
+        return "mixed_bfloat16" if gpus_have_native_bfloat16() else "mixed_float16"
     if cpu_has_native_bfloat16():
         return "mixed_bfloat16"
     logging.log_first_n(logging.WARNING, "--mixed_precision: this CPU has no bfloat16 instructions (avx512_bf16, "
