@@ -18,6 +18,9 @@ config_lib.define_flags()
 
 def main(argv):
     config = config_lib.from_command_line(argv, flags.FLAGS)
+    if config.tune_malloc:  # before TensorFlow starts its threads
+        from simclr_tf.hardware import tune_malloc
+        tune_malloc()
     # TF is imported only once the flags are known to be good.
     from simclr_tf import app as simclr_app
     from simclr_tf.train import NonFiniteLossError

@@ -4,8 +4,10 @@
 here); its `tf2/run.py` runs unmodified through `bench/official_shim.py`, which serves it the same `.npz`
 images through a stand-in for `tfds.builder` and needs `tf_keras` (`pip install tf_keras`, matching TensorFlow).
 
-Each round runs the official code, then each of our variants (plain float32, `--mixed_precision`, ...), so
-load from other processes hits all of them alike (A B C A B C ...). Every run is one fresh process under
+Each round runs the official code, then each variant: ours (plain float32, `--recompute`, `--mixed_precision`,
+...) and the official code's own (`official_malloc`: under the glibc settings of our default `--tune_malloc`,
+so the table shows what the allocator alone is worth), so load from other processes hits all of them alike
+(A B C A B C ...). Every run is one fresh process under
 `/usr/bin/time -v` (peak RSS = its "Maximum resident set size"); the harness stamps each output line as it
 arrives and reads the step-completion lines of each side (official: `Completed: k / n steps`, ours:
 `step k/n`). Reported per run:
@@ -66,7 +68,11 @@ COMMON_FLAGS = ["--use_tpu=False", "--train_mode=pretrain", "--mode=train", "--e
 # Our variants: name -> extra flags.
 # `mixed` is the CLI's automatic choice (float32 on CPUs without bfloat16 instructions, where it is emulated).
 VARIANTS: Dict[str, List[str]] = {"float32": [], "mixed": ["--mixed_precision"],
-                                  "bfloat16": ["--mixed_precision", "--mixed_precision_dtype=bfloat16"]}
+                                  "bfloat16": ["--mixed_precision", "--mixed_precision_dtype=bfloat16"],
+                                  "recompute": ["--recompute"], "default_malloc": ["--tune_malloc=false"]}
+# The official code under extra environment variables: name -> variables. `official_malloc` gives it the
+# glibc settings our --tune_malloc applies (simclr_tf.hardware.tune_malloc), to show what they alone are worth.
+OFFICIAL_VARIANTS: Dict[str, Dict[str, str]] = {"official_malloc": {"MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "1"}}
 
 OFFICIAL_STEP = re.compile(r"Completed: (\d+) / (\d+) steps")
 OURS_STEP = re.compile(r"^step (\d+)/(\d+) ")
@@ -81,11 +87,13 @@ def flag_value(flags: List[str], name: str) -> str:
     raise KeyError(name)
 
 
-def run_one(command: List[str], step_pattern: "re.Pattern[str]", log_path: str, timeout: float) -> Dict:
+def run_one(command: List[str], step_pattern: "re.Pattern[str]", log_path: str, timeout: float,
+            extra_env: Optional[Dict[str, str]] = None) -> Dict:
     """Runs `command` under /usr/bin/time -v; the arrival time of each step-completion line, peak RSS, wall."""
     time_file = log_path + ".time"
     full = ["/usr/bin/time", "-v", "-o", time_file, *command]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=common.REPO_DIR)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=common.REPO_DIR,
+               **(extra_env or {}))
     steps: Dict[int, float] = {}
     transcript: List[str] = []
     t0 = time.monotonic()
@@ -188,7 +196,8 @@ def table(results: Dict, variants: List[str]) -> str:
                ("training_rss_mib", "RSS up to the last step (MiB, sampled)"),
                ("first_step_s", "launch -> end of step 1 (s)"), ("wall_s", "whole job (s)"),
                ("cpu_s", "whole job CPU-s (user + sys)")]
-    head = "| config | metric | official | " + " | ".join(f"ours {v}: value, ratio" for v in variants) + " |"
+    head = "| config | metric | official | " + " | ".join(
+        f"{v if v in OFFICIAL_VARIANTS else 'ours ' + v}: value, ratio" for v in variants) + " |"
     lines = [head, "|" + "---|" * (3 + len(variants))]
     for name, rounds in results.items():
         for key, label in metrics:
@@ -292,7 +301,9 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(common.REPO_DIR, "..", "shared", "data", "cifar10_dev.npz"),
                         help=".npz with x_train/y_train/x_test/y_test (uint8 NHWC)")
     parser.add_argument("--configs", default="r18,r50", help=f"comma-separated, of {sorted(CONFIGS)}")
-    parser.add_argument("--variants", default="float32,mixed", help=f"our variants, of {sorted(VARIANTS)}")
+    parser.add_argument("--variants", default="float32,recompute,official_malloc",
+                        help=f"our variants, of {sorted(VARIANTS)}, and the official code's, of "
+                             f"{sorted(OFFICIAL_VARIANTS)}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="another variant of ours: a name and its extra flags, space-separated "
                              "(e.g. 'localbn=--global_bn=False'); repeatable, added to --variants")
@@ -337,8 +348,8 @@ def main() -> None:
         if name not in CONFIGS:
             sys.exit(f"--configs: unknown {name!r}; known: {', '.join(CONFIGS)}")
     for name in variants:
-        if name not in VARIANTS:
-            sys.exit(f"--variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+        if name not in VARIANTS and name not in OFFICIAL_VARIANTS:
+            sys.exit(f"--variants: unknown {name!r}; known: {', '.join([*VARIANTS, *OFFICIAL_VARIANTS])}")
 
     work = args.work_dir or tempfile.mkdtemp(prefix="vs_official_")
     os.makedirs(work, exist_ok=True)
@@ -350,15 +361,15 @@ def main() -> None:
         results[name] = []
         for round_ in range(args.rounds):
             row = {}
-            sides = [("official", None)] + [(v, VARIANTS[v]) for v in variants]
-            for side, extra in sides:
+            for side in ["official", *variants]:
                 model_dir = os.path.join(work, f"{name}-{round_}-{side}")
                 shutil.rmtree(model_dir, ignore_errors=True)
-                if side == "official":
+                env = OFFICIAL_VARIANTS.get(side)
+                if side == "official" or env:
                     command, pattern = official_command(args, flags, model_dir), OFFICIAL_STEP
                 else:
-                    command, pattern = our_command(args, flags, extra, model_dir), OURS_STEP
-                run = run_one(command, pattern, model_dir + ".log", args.timeout)
+                    command, pattern = our_command(args, flags, VARIANTS[side], model_dir), OURS_STEP
+                run = run_one(command, pattern, model_dir + ".log", args.timeout, env)
                 row[side] = summarise(run, batch)
                 shutil.rmtree(model_dir, ignore_errors=True)  # checkpoints of ResNet-50 fill a disk fast
                 print(f"{name} round {round_} {side}: " + ", ".join(
@@ -369,7 +380,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": common.machine_description(), "configs": {n: CONFIGS[n] for n in configs},
-                       "common_flags": COMMON_FLAGS, "variants": {v: VARIANTS[v] for v in variants},
+                       "common_flags": COMMON_FLAGS,
+                       "variants": {v: VARIANTS.get(v, OFFICIAL_VARIANTS.get(v)) for v in variants},
                        "rounds": results, "table": text}, f, indent=1)
 
 

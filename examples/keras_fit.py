@@ -15,9 +15,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
+import simclr_tf  # noqa: E402  (light: names load on first use)
 
-import simclr_tf  # noqa: E402
+simclr_tf.tune_malloc()  # before TensorFlow starts its threads: see simclr_tf.hardware.tune_malloc
+
+import keras  # noqa: E402
 from simclr_tf.linear_eval import linear_eval  # noqa: E402
 from simclr_tf.models import ResNet  # noqa: E402
 

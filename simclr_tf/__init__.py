@@ -22,6 +22,7 @@ _LAZY = {
     "LARS": ("simclr_tf.optimizers", "LARS"),
     "WarmupCosine": ("simclr_tf.schedules", "WarmupCosineSchedule"),
     "export_model": ("simclr_tf.export", "export_model"),
+    "tune_malloc": ("simclr_tf.hardware", "tune_malloc"),
 }
 _SUBMODULES = ("callbacks", "data", "models")
 

@@ -129,6 +129,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "the compute type. auto: bfloat16 where the devices compute in it natively (TPU, GPU of "
                       "compute capability 8.0+, CPU with avx512_bf16/amx), float16 with loss scaling on older "
                       "GPUs, float32 on other CPUs (bfloat16 is emulated there, many times slower).", **f)
+    flags.DEFINE_bool("recompute", False, "Training keeps only each residual block's input and recomputes the "
+                      "block's activations in the backward pass: much less memory for one more forward pass, "
+                      "the same gradients and BN statistics.", **f)
+    flags.DEFINE_bool("tune_malloc", True, "Serve CPU tensors from glibc's heap, in one arena, instead of a fresh "
+                      "memory map per large tensor (about 2x faster CPU training measured, lower peak RSS). No "
+                      "effect without glibc or when MALLOC_* variables or LD_PRELOAD are set.", **f)
     flags.DEFINE_string("eval_dataset", None, "A labelled dataset (same forms as --dataset) for evaluation and "
                         "the kNN monitor, e.g. while pretraining on unlabelled images: its 'train' split is the kNN "
                         "memory, --eval_split its held-out split. Default: --dataset.", **f)
@@ -209,6 +215,8 @@ class Config:
     jit_compile: bool = False
     mixed_precision: bool = False
     mixed_precision_dtype: str = "auto"
+    recompute: bool = False
+    tune_malloc: bool = True
     eval_dataset: Optional[str] = None
     knn_every_steps: int = 0
     knn_k: int = 200

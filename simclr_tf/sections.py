@@ -69,6 +69,8 @@ class ModelConfig:
         linear_eval_stop_gradient: the supervised head sees stop_gradient(h) (online linear eval).
         supervised_head: build a supervised head when the data has classes (no head when nothing would train
             it: pretraining without online linear eval).
+        recompute: training keeps only each residual block's input and recomputes its activations in the
+            backward pass (less memory, one more forward pass; the same numbers).
     """
 
     resnet_depth: int = 50
@@ -85,6 +87,7 @@ class ModelConfig:
     fine_tune_after_block: int = -1
     linear_eval_stop_gradient: bool = True
     supervised_head: bool = True
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         _check(self.resnet_depth in VALID_DEPTHS, "resnet_depth",

@@ -14,6 +14,10 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+from simclr_tf.hardware import tune_malloc  # noqa: E402
+
+tune_malloc()  # as run.py does by default, before TensorFlow starts its threads
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

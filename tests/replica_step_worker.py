@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--optimizer", default="lars")
     parser.add_argument("--jit_compile", action="store_true", help="XLA-compile the train step")
+    parser.add_argument("--recompute", action="store_true", help="recompute the residual blocks (--recompute)")
     args = parser.parse_args()
 
     from simclr_tf.strategy import split_cpu
@@ -43,6 +44,7 @@ def main() -> None:
         resnet_depth=18, width_multiplier=0.125, image_size=images.shape[1], train_batch_size=global_batch,
         train_steps=1, warmup_epochs=0, learning_rate=1.0, weight_decay=1e-3, temperature=0.5,
         num_proj_layers=2, optimizer=args.optimizer, global_bn=True, seed=0, jit_compile=args.jit_compile,
+        recompute=args.recompute,
         strategy="mirrored" if args.replicas > 1 else "one_device", num_cpu_replicas=args.replicas)
     strategy = build_strategy(config.strategy, num_cpu_replicas=config.num_cpu_replicas)
     assert strategy.num_replicas_in_sync == args.replicas

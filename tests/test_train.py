@@ -97,6 +97,27 @@ def test_jit_compiled_step_equals_single_device_step(single_device_step, replica
         np.testing.assert_allclose(jit[key], single[key], atol=1e-4 * scale + 1e-7, err_msg=key)
 
 
+# Slow set for the same reason as the replica tests above; tests/test_recompute.py checks recompute against the
+# plain model on one device in the default run.
+@pytest.mark.slow
+def test_recomputed_step_on_two_replicas_equals_single_device_step(single_device_step):
+    """--recompute with sync BN on 2 replicas (the recomputation gathers BN statistics again in the backward
+    pass): the plain single-device step's loss, gradients, weights and BN statistics."""
+    tmp_path, tiny, batch_path, init, single = single_device_step
+    out = tmp_path / "out_recompute_2.npz"
+    args = [sys.executable, str(REPO / "tests" / "replica_step_worker.py"), "--replicas=2", f"--data={tiny}",
+            f"--batch={batch_path}", f"--model_dir={tmp_path / 'recompute2'}", f"--out={out}", f"--init={init}",
+            "--recompute"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recomputed = dict(np.load(out))
+    assert set(recomputed) == set(single)
+    np.testing.assert_allclose(recomputed["loss"], single["loss"], rtol=1e-5)
+    for key in single:
+        scale = max(float(np.abs(single[key]).max()), 1e-6)
+        np.testing.assert_allclose(recomputed[key], single[key], atol=1e-4 * scale + 1e-7, err_msg=key)
+
+
 def summary_tags(directory):
     """Tags of every summary in the TensorBoard event files directly in `directory`."""
     import tensorflow as tf

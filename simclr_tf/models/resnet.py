@@ -13,6 +13,7 @@ from simclr_tf.errors import UsageError
 from simclr_tf.models.layers import (BLOCKS_PER_DEPTH, GROUP_BASE_FILTERS, GROUP_STRIDES,
                                      PACKAGE, SK_MIN_DIM, FixedPaddingConv2D, SelectiveKernel, SqueezeExcite,
                                      Stem, CompositeLayer, batch_norm, scaled)
+from simclr_tf.models.recompute import check_backend, recomputed_call
 
 __all__ = ["BLOCKS_PER_DEPTH", "GROUP_BASE_FILTERS", "PACKAGE", "SK_MIN_DIM", "BlockGroup", "ResNet",
            "ResidualBlock", "SelectiveKernel", "SqueezeExcite", "Stem", "batch_norm", "scaled"]
@@ -123,11 +124,18 @@ class ResidualBlock(CompositeLayer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class BlockGroup(CompositeLayer):
-    """`num_blocks` residual blocks; the first has the projection shortcut and the stride."""
+    """`num_blocks` residual blocks; the first has the projection shortcut and the stride.
+
+    With `recompute`, training keeps only each block's input and recomputes the rest in the backward pass
+    (`simclr_tf.models.recompute`).
+    """
 
     def __init__(self, filters: int, num_blocks: int, strides: int, bottleneck: bool, sk_ratio: float,
-                 se_ratio: float, batch_norm_decay: float, global_bn: bool, **kwargs: Any) -> None:
+                 se_ratio: float, batch_norm_decay: float, global_bn: bool, recompute: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_backend(recompute)
+        self.recompute = recompute
         self.filters = filters
         self.num_blocks = num_blocks
         self.strides = strides
@@ -148,7 +156,7 @@ class BlockGroup(CompositeLayer):
     def call(self, inputs, training=None):
         x = inputs
         for block in self.blocks:
-            x = block(x, training=training)
+            x = recomputed_call(block, x, training) if self.recompute and training else block(x, training=training)
         return x
 
     def leaf_layers(self) -> list[keras.layers.Layer]:
@@ -157,7 +165,8 @@ class BlockGroup(CompositeLayer):
     def get_config(self) -> dict:
         return {**super().get_config(), "filters": self.filters, "num_blocks": self.num_blocks,
                 "strides": self.strides, "bottleneck": self.bottleneck, "sk_ratio": self.sk_ratio,
-                "se_ratio": self.se_ratio, "batch_norm_decay": self.batch_norm_decay, "global_bn": self.global_bn}
+                "se_ratio": self.se_ratio, "batch_norm_decay": self.batch_norm_decay, "global_bn": self.global_bn,
+                "recompute": self.recompute}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -167,11 +176,14 @@ class ResNet(CompositeLayer):
     `fine_tune_after_block` k freezes the stem (k >= 0) and groups 1..k: their variables are not trainable
     and they run BN in inference mode even when the model is called with `training=True`.
     `call` returns the endpoints `initial_conv`, `initial_max_pool`, `block_group1..4` and `h`.
+    `recompute` (TensorFlow backend): training recomputes each residual block's activations in the backward
+    pass instead of keeping them: less memory for one more forward pass, same numbers.
     """
 
     def __init__(self, resnet_depth: int = 50, width_multiplier: float = 1.0, sk_ratio: float = 0.0,
                  se_ratio: float = 0.0, cifar_stem: bool = False, batch_norm_decay: float = 0.9,
-                 global_bn: bool = True, fine_tune_after_block: int = -1, **kwargs: Any) -> None:
+                 global_bn: bool = True, fine_tune_after_block: int = -1, recompute: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if resnet_depth not in BLOCKS_PER_DEPTH:
             raise UsageError("--resnet_depth", f"{resnet_depth} is not one of {sorted(BLOCKS_PER_DEPTH)}")
@@ -189,6 +201,7 @@ class ResNet(CompositeLayer):
         self.batch_norm_decay = batch_norm_decay
         self.global_bn = global_bn
         self.fine_tune_after_block = fine_tune_after_block
+        self.recompute = recompute
         kind, counts = BLOCKS_PER_DEPTH[resnet_depth]
         self.bottleneck = kind == "bottleneck"
         self.stem = Stem(width_multiplier, cifar_stem, sk_ratio > 0, batch_norm_decay, global_bn, name="stem")
@@ -196,7 +209,7 @@ class ResNet(CompositeLayer):
         for g, (base, n, stride) in enumerate(zip(GROUP_BASE_FILTERS, counts, GROUP_STRIDES)):
             setattr(self, f"block_group{g + 1}", BlockGroup(  # attributes, not a list: see Stem.convs
                 scaled(base, width_multiplier), n, stride, self.bottleneck, sk_ratio, se_ratio, batch_norm_decay,
-                global_bn, name=f"block_group{g + 1}"))
+                global_bn, recompute, name=f"block_group{g + 1}"))
         self.output_dim = scaled(512, width_multiplier) * (4 if self.bottleneck else 1)
         for part in self.frozen_parts():
             part.trainable = False
@@ -235,4 +248,5 @@ class ResNet(CompositeLayer):
         return {**super().get_config(), "resnet_depth": self.resnet_depth,
                 "width_multiplier": self.width_multiplier, "sk_ratio": self.sk_ratio, "se_ratio": self.se_ratio,
                 "cifar_stem": self.cifar_stem, "batch_norm_decay": self.batch_norm_decay,
-                "global_bn": self.global_bn, "fine_tune_after_block": self.fine_tune_after_block}
+                "global_bn": self.global_bn, "fine_tune_after_block": self.fine_tune_after_block,
+                "recompute": self.recompute}

@@ -23,7 +23,7 @@ class SimCLRModel(keras.Model):
     `fine_tune_after_block` k freezes the stem and groups 1..k (k = 4: the whole backbone and the
     projection head, so only the supervised head trains); frozen parts run BN in inference mode.
     With `linear_eval_stop_gradient` the supervised head sees `stop_gradient` of its input (online linear
-    evaluation during pretraining).
+    evaluation during pretraining). `recompute` trades memory for compute in training (see `ResNet`).
     """
 
     def __init__(self, resnet_depth: int = 50, width_multiplier: float = 1.0, sk_ratio: float = 0.0,
@@ -31,7 +31,7 @@ class SimCLRModel(keras.Model):
                  proj_out_dim: int = 128, num_proj_layers: int = 3, ft_proj_selector: int = 0,
                  num_classes: int | None = None, batch_norm_decay: float = 0.9, global_bn: bool = True,
                  fine_tune_after_block: int = -1, linear_eval_stop_gradient: bool = True,
-                 **kwargs: Any) -> None:
+                 recompute: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.resnet_depth = resnet_depth
         self.width_multiplier = width_multiplier
@@ -47,10 +47,11 @@ class SimCLRModel(keras.Model):
         self.global_bn = global_bn
         self.fine_tune_after_block = fine_tune_after_block
         self.linear_eval_stop_gradient = linear_eval_stop_gradient
+        self.recompute = recompute
 
         self.backbone = ResNet(resnet_depth, width_multiplier, sk_ratio, se_ratio, cifar_stem=image_size <= 32,
                                batch_norm_decay=batch_norm_decay, global_bn=global_bn,
-                               fine_tune_after_block=fine_tune_after_block, name="resnet")
+                               fine_tune_after_block=fine_tune_after_block, recompute=recompute, name="resnet")
         self.projection_head = ProjectionHead(proj_head_mode, num_proj_layers, proj_out_dim, batch_norm_decay,
                                               global_bn, name="projection_head")
         num_layers = self.projection_head.num_layers
@@ -110,7 +111,7 @@ class SimCLRModel(keras.Model):
                 "ft_proj_selector": self.ft_proj_selector, "num_classes": self.num_classes,
                 "batch_norm_decay": self.batch_norm_decay, "global_bn": self.global_bn,
                 "fine_tune_after_block": self.fine_tune_after_block,
-                "linear_eval_stop_gradient": self.linear_eval_stop_gradient}
+                "linear_eval_stop_gradient": self.linear_eval_stop_gradient, "recompute": self.recompute}
 
     @classmethod
     def from_config(cls, config: dict) -> "SimCLRModel":
