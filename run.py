@@ -18,16 +18,19 @@ config_lib.define_flags()
 
 def main(argv):
     config = config_lib.from_command_line(argv, flags.FLAGS)
+    from simclr_tf import hardware
+
+    hardware.keep_jax_out()  # before TensorFlow's import, which would import it
     if config.tune_malloc:  # before TensorFlow starts its threads
-        from simclr_tf.hardware import tune_malloc
-        tune_malloc()
+        hardware.tune_malloc()
     # TF is imported only once the flags are known to be good.
     from simclr_tf import app as simclr_app
     from simclr_tf.train import NonFiniteLossError
 
     simclr_app.configure_logging()
     try:
-        simclr_app.main(config)
+        with hardware.HeapTrimmer(config.malloc_trim_secs):
+            simclr_app.main(config)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -69,7 +69,9 @@ COMMON_FLAGS = ["--use_tpu=False", "--train_mode=pretrain", "--mode=train", "--e
 # `mixed` is the CLI's automatic choice (float32 on CPUs without bfloat16 instructions, where it is emulated).
 VARIANTS: Dict[str, List[str]] = {"float32": [], "mixed": ["--mixed_precision"],
                                   "bfloat16": ["--mixed_precision", "--mixed_precision_dtype=bfloat16"],
-                                  "recompute": ["--recompute"], "default_malloc": ["--tune_malloc=false"]}
+                                  "recompute": ["--recompute"], "default_malloc": ["--tune_malloc=false"],
+                                  # The memory-lean settings: recompute, and the heap's holes given back.
+                                  "lean": ["--recompute", "--malloc_trim_secs=0.2"]}
 # The official code under extra environment variables: name -> variables. `official_malloc` gives it the
 # glibc settings our --tune_malloc applies (simclr_tf.hardware.tune_malloc), to show what they alone are worth.
 OFFICIAL_VARIANTS: Dict[str, Dict[str, str]] = {"official_malloc": {"MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "1"}}
@@ -301,7 +303,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(common.REPO_DIR, "..", "shared", "data", "cifar10_dev.npz"),
                         help=".npz with x_train/y_train/x_test/y_test (uint8 NHWC)")
     parser.add_argument("--configs", default="r18,r50", help=f"comma-separated, of {sorted(CONFIGS)}")
-    parser.add_argument("--variants", default="float32,recompute,official_malloc",
+    parser.add_argument("--variants", default="float32,lean,official_malloc",
                         help=f"our variants, of {sorted(VARIANTS)}, and the official code's, of "
                              f"{sorted(OFFICIAL_VARIANTS)}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",

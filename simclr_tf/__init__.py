@@ -23,6 +23,7 @@ _LAZY = {
     "WarmupCosine": ("simclr_tf.schedules", "WarmupCosineSchedule"),
     "export_model": ("simclr_tf.export", "export_model"),
     "tune_malloc": ("simclr_tf.hardware", "tune_malloc"),
+    "HeapTrimmer": ("simclr_tf.hardware", "HeapTrimmer"),
 }
 _SUBMODULES = ("callbacks", "data", "models")
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
+import threading
 from typing import Mapping, Optional
 
-__all__ = ["MALLOC_ENV_VARS", "MIXED_PRECISION_DTYPES", "cpu_has_native_bfloat16", "tune_malloc"]
+__all__ = ["HeapTrimmer", "MALLOC_ENV_VARS", "MIXED_PRECISION_DTYPES", "cpu_has_native_bfloat16", "keep_jax_out",
+           "tune_malloc"]
 
 # What `--mixed_precision_dtype` may ask for: "auto" (what the devices compute in natively) or a 16-bit type.
 MIXED_PRECISION_DTYPES = ("auto", "bfloat16", "float16")
@@ -68,12 +71,97 @@ def tune_malloc(environ: Optional[Mapping[str, str]] = None) -> bool:
     environ = os.environ if environ is None else environ
     if any(name in environ for name in MALLOC_ENV_VARS):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt take other parameters
-    except (OSError, AttributeError, TypeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_ARENA_MAX, 1))
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    """The process's C library where it is glibc (other C libraries' mallopt take other parameters), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version
+        libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
+class HeapTrimmer:
+    """While entered, returns the C heap's free pages to the system every `interval_s` seconds (glibc's
+    `malloc_trim(0)`, from a daemon thread).
+
+    Why: with maps off (`tune_malloc`), the blocks a training step frees stay resident as holes in the heap
+    until something of their size is allocated again, and the order in which TensorFlow's threads allocate
+    differs from step to step, so the holes do not always fit and the heap grows past what is ever live at
+    once. Trimming gives the holes' pages back (they are zero-filled again when reused), so the peak follows
+    the live memory; the price is those page faults (measured with `--recompute` every 0.2 s, a 2-core AVX2
+    CPU: ResNet-18 32 px batch 256 peak RSS 4564 -> 2856 MiB, ResNet-50 64 px batch 64 2431 -> 1959 MiB, for
+    7-10% fewer img/s). Nothing happens where the C library is not glibc.
+
+    Args:
+        interval_s: seconds between trims; 0: off.
+
+    Raises:
+        ValueError: interval_s is negative.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        if not interval_s >= 0:
+            raise ValueError(f"interval_s: must be >= 0 seconds, got {interval_s}")
+        self.interval_s = float(interval_s)
+        self.trims = 0  # how many times the heap was trimmed (for tests and logs)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None
+
+    def __enter__(self) -> "HeapTrimmer":
+        libc = _glibc() if self.interval_s > 0 else None
+        if libc is not None:
+            trim = libc.malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+            def run() -> None:
+                while not self._stop.wait(self.interval_s):
+                    trim(0)
+                    self.trims += 1
+
+            self._stop.clear()
+            self._thread = threading.Thread(target=run, name="heap-trimmer", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
+def keep_jax_out(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Keeps JAX out of a process whose Keras backend is TensorFlow: `import tensorflow` otherwise imports
+    `jax` where it is installed (TFLite's converter, which goes without it when the import fails), about
+    100 MiB resident and a second of start-up that a TensorFlow training run never uses.
+
+    Call it before TensorFlow is imported. Does nothing where JAX is already imported or KERAS_BACKEND names
+    another backend.
+
+    Args:
+        environ: where to read KERAS_BACKEND (None: `os.environ`).
+
+    Returns:
+        Whether JAX is now kept out (an `import jax` in this process raises ImportError).
+    """
+    environ = os.environ if environ is None else environ
+    if "jax" in sys.modules:
+        return sys.modules["jax"] is None
+    if environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return False
+    sys.modules["jax"] = None  # the import system's "not importable" marker
+    return True

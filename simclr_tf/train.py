@@ -210,7 +210,17 @@ class Trainer:
             task.after_step()  # after the update, in this trace: it reads the updated weights
             return metrics
 
-        return xla.compile_step(step, self.strategy) if self.config.jit_compile else step
+        if self.config.jit_compile:
+            return xla.compile_step(step, self.strategy)
+        if isinstance(self.strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy,
+                                      tf.distribute.MultiWorkerMirroredStrategy)):
+            # A TPU program is compiled whole; the collective ops of several hosts must stay in the loop's
+            # own graph (out of line, the while loop's feed of them failed).
+            return step
+        # The loop calls the step twice (the first step outside tf.range, the rest inside). As a function of
+        # its own, kept out of line, the step is traced, optimised and instantiated once instead of twice:
+        # ResNet-50 launch -> first step 9 s sooner, and one copy of its graph in memory (docs/design.md §7.2).
+        return tf.function(step, experimental_attributes={"_noinline": True})
 
     def _save(self, step: int) -> None:
         ckpt_lib.save_if_finite(self.manager, step, list(self.model.variables) + list(self.optimizer.variables))
