@@ -136,8 +136,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "memory map per large tensor (about 2x faster CPU training measured, lower peak RSS). No "
                       "effect without glibc or when MALLOC_* variables or LD_PRELOAD are set.", **f)
     flags.DEFINE_float("malloc_trim_secs", 0.0, "Every this many seconds, give the C heap's free pages back to "
-                       "the system (glibc malloc_trim): the peak RSS follows the live memory, with --recompute "
-                       "0.6-0.75x the default's, for ~10% fewer img/s. 0: off. Measured at 0.2.", **f)
+                       "the system (glibc malloc_trim): the peak RSS follows the live memory; with --recompute "
+                       "0.70-0.75x the defaults' peak for 18-29% fewer img/s (measured at 0.2). 0: off.", **f)
     flags.DEFINE_string("eval_dataset", None, "A labelled dataset (same forms as --dataset) for evaluation and "
                         "the kNN monitor, e.g. while pretraining on unlabelled images: its 'train' split is the kNN "
                         "memory, --eval_split its held-out split. Default: --dataset.", **f)

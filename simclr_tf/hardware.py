@@ -98,9 +98,10 @@ class HeapTrimmer:
     until something of their size is allocated again, and the order in which TensorFlow's threads allocate
     differs from step to step, so the holes do not always fit and the heap grows past what is ever live at
     once. Trimming gives the holes' pages back (they are zero-filled again when reused), so the peak follows
-    the live memory; the price is those page faults (measured with `--recompute` every 0.2 s, a 2-core AVX2
-    CPU: ResNet-18 32 px batch 256 peak RSS 4564 -> 2856 MiB, ResNet-50 64 px batch 64 2431 -> 1959 MiB, for
-    7-10% fewer img/s). Nothing happens where the C library is not glibc.
+    the live memory; the price is those page faults (with `--recompute`, every 0.2 s, a 2-core AVX2 CPU,
+    bench/vs_official.py: ResNet-18 32 px batch 256 peak RSS 4564 -> 3133 MiB, ResNet-50 64 px batch 64
+    2431 -> 1988 MiB, the latter also without JAX loaded; ResNet-50 7% fewer img/s, measured alone).
+    Nothing happens where the C library is not glibc.
 
     Args:
         interval_s: seconds between trims; 0: off.

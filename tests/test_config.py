@@ -86,6 +86,7 @@ def test_use_tpu_explicit_is_recorded():
     (["--checkpoint=/nonexistent/ckpt"], "--checkpoint"),
     (["--train_mode=distill"], "--teacher_checkpoint"),
     (["--resnet_depth=18", "--sk_ratio=-0.0625"], "--sk_ratio"),
+    (["--malloc_trim_secs=-1"], "--malloc_trim_secs"),
 ])
 def test_invalid_input_names_the_flag(args, flag):
     with pytest.raises(UsageError) as e:
