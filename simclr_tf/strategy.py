@@ -115,6 +115,11 @@ def check_batch_divisible(global_batch: int, strategy: tf.distribute.Strategy, f
         raise UsageError(flag, f"global batch {global_batch} is not divisible by the {replicas} replicas")
 
 
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` runs on TPUs (its steps are compiled whole, as one XLA program)."""
+    return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True unless this process is a non-chief worker of a multi-worker strategy."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -29,7 +29,7 @@ from simclr_tf.data.sources.decoding import SkippedImages
 from simclr_tf.errors import NonFiniteLossError
 from simclr_tf.files import write_text_atomically
 from simclr_tf.models import build_model, mixed_precision_policy
-from simclr_tf.strategy import is_chief
+from simclr_tf.strategy import is_chief, is_tpu
 
 __all__ = ["NonFiniteLossError", "Trainer", "write_flags_json"]
 
@@ -212,8 +212,7 @@ class Trainer:
 
         if self.config.jit_compile:
             return xla.compile_step(step, self.strategy)
-        if isinstance(self.strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy,
-                                      tf.distribute.MultiWorkerMirroredStrategy)):
+        if is_tpu(self.strategy) or isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # A TPU program is compiled whole; the collective ops of several hosts must stay in the loop's
             # own graph (out of line, the while loop's feed of them failed).
             return step

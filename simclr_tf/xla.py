@@ -6,6 +6,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from simclr_tf.strategy import is_tpu
+
 
 def compile_step(step: Callable, strategy: tf.distribute.Strategy) -> Callable:
     """`step` (a per-replica train step for `strategy.run`) compiled by XLA as far as TF allows.
@@ -18,8 +20,7 @@ def compile_step(step: Callable, strategy: tf.distribute.Strategy) -> Callable:
         step: `(images, labels) -> metrics`, run by `strategy.run` in each replica.
         strategy: the strategy the step runs under.
     """
-    if strategy.num_replicas_in_sync == 1 or isinstance(
-            strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
+    if strategy.num_replicas_in_sync == 1 or is_tpu(strategy):
         return tf.function(step, jit_compile=True)
     scope = _ReplicasJitScope()
 

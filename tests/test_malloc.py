@@ -43,11 +43,16 @@ def glibc_with_mallinfo2() -> bool:
         return False
 
 
+def environment_without_malloc_settings() -> dict:
+    """This process's environment less the user's own allocator settings (which tune_malloc would respect)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+
+
 @pytest.mark.skipif(not glibc_with_mallinfo2(), reason="glibc >= 2.33 only (mallinfo2)")
 @pytest.mark.parametrize("env", [{}, {"MALLOC_ARENA_MAX": "4"}], ids=["default", "user_setting"])
 def test_tune_malloc_serves_large_blocks_from_the_heap_unless_the_user_chose(env):
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    clean = environment_without_malloc_settings()
 
     def probe(mode):
         out = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO)), mode], capture_output=True,
@@ -95,8 +100,7 @@ with HeapTrimmer(float(sys.argv[1])) as trimmer:
 @pytest.mark.skipif(not glibc_with_mallinfo2() or not os.path.exists("/proc/self/statm"),
                     reason="glibc and Linux only")
 def test_heap_trimmer_gives_freed_holes_back_and_is_off_at_zero():
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    clean = environment_without_malloc_settings()
 
     def probe(interval):
         out = subprocess.run([sys.executable, "-c", HOLE_PROBE.format(repo=str(REPO)), str(interval)],
