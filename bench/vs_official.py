@@ -70,8 +70,12 @@ COMMON_FLAGS = ["--use_tpu=False", "--train_mode=pretrain", "--mode=train", "--e
 VARIANTS: Dict[str, List[str]] = {"float32": [], "mixed": ["--mixed_precision"],
                                   "bfloat16": ["--mixed_precision", "--mixed_precision_dtype=bfloat16"],
                                   "recompute": ["--recompute"], "default_malloc": ["--tune_malloc=false"],
-                                  # The memory-lean settings: recompute, and the heap's holes given back.
-                                  "lean": ["--recompute", "--malloc_trim_secs=0.2"]}
+                                  # The memory-lean settings: recompute (the stem and the first two block
+                                  # groups, which hold most of the activations), and the heap's holes given
+                                  # back every 2 s.
+                                  "lean": ["--recompute", "--recompute_groups=2", "--malloc_trim_secs=2"],
+                                  # The least memory: every block recomputed, the holes given back every 0.2 s.
+                                  "leanest": ["--recompute", "--malloc_trim_secs=0.2"]}
 # The official code under extra environment variables: name -> variables. `official_malloc` gives it the
 # glibc settings our --tune_malloc applies (simclr_tf.hardware.tune_malloc), to show what they alone are worth.
 OFFICIAL_VARIANTS: Dict[str, Dict[str, str]] = {"official_malloc": {"MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "1"}}

@@ -129,15 +129,19 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "the compute type. auto: bfloat16 where the devices compute in it natively (TPU, GPU of "
                       "compute capability 8.0+, CPU with avx512_bf16/amx), float16 with loss scaling on older "
                       "GPUs, float32 on other CPUs (bfloat16 is emulated there, many times slower).", **f)
-    flags.DEFINE_bool("recompute", False, "Training keeps only each residual block's input and recomputes the "
-                      "block's activations in the backward pass: much less memory for one more forward pass, "
-                      "the same gradients and BN statistics.", **f)
+    flags.DEFINE_bool("recompute", False, "Training keeps only the stem's and each residual block's input and "
+                      "recomputes their activations in the backward pass: much less memory for one more forward "
+                      "pass, the same gradients and BN statistics.", **f)
+    flags.DEFINE_integer("recompute_groups", 4, "With --recompute, recompute only the stem and block groups "
+                         "1..this (0..4): the early groups hold most of the activations for a quarter of the "
+                         "compute each, so 2 keeps most of the memory saving for about half the extra time.", **f)
     flags.DEFINE_bool("tune_malloc", True, "Serve CPU tensors from glibc's heap, in one arena, instead of a fresh "
                       "memory map per large tensor (about 2x faster CPU training measured, lower peak RSS). No "
                       "effect without glibc or when MALLOC_* variables or LD_PRELOAD are set.", **f)
     flags.DEFINE_float("malloc_trim_secs", 0.0, "Every this many seconds, give the C heap's free pages back to "
-                       "the system (glibc malloc_trim): the peak RSS follows the live memory; with --recompute "
-                       "0.70-0.75x the defaults' peak for 18-29% fewer img/s (measured at 0.2). 0: off.", **f)
+                       "the system (glibc malloc_trim): the peak RSS follows the live memory, for some speed "
+                       "(freed pages are zero-filled again when reused). With --recompute, 2 s keeps most of "
+                       "the saving of 0.2 s at a fraction of its cost (BENCHMARKS.md). 0: off.", **f)
     flags.DEFINE_string("eval_dataset", None, "A labelled dataset (same forms as --dataset) for evaluation and "
                         "the kNN monitor, e.g. while pretraining on unlabelled images: its 'train' split is the kNN "
                         "memory, --eval_split its held-out split. Default: --dataset.", **f)
@@ -219,6 +223,7 @@ class Config:
     mixed_precision: bool = False
     mixed_precision_dtype: str = "auto"
     recompute: bool = False
+    recompute_groups: int = 4
     tune_malloc: bool = True
     malloc_trim_secs: float = 0.0
     eval_dataset: Optional[str] = None

@@ -69,8 +69,9 @@ class ModelConfig:
         linear_eval_stop_gradient: the supervised head sees stop_gradient(h) (online linear eval).
         supervised_head: build a supervised head when the data has classes (no head when nothing would train
             it: pretraining without online linear eval).
-        recompute: training keeps only each residual block's input and recomputes its activations in the
-            backward pass (less memory, one more forward pass; the same numbers).
+        recompute: training keeps only the stem's and each residual block's input and recomputes its
+            activations in the backward pass (less memory, one more forward pass; the same numbers).
+        recompute_groups: with `recompute`, only the stem and block groups 1..k are recomputed (0..4).
     """
 
     resnet_depth: int = 50
@@ -88,6 +89,7 @@ class ModelConfig:
     linear_eval_stop_gradient: bool = True
     supervised_head: bool = True
     recompute: bool = False
+    recompute_groups: int = 4
 
     def __post_init__(self) -> None:
         _check(self.resnet_depth in VALID_DEPTHS, "resnet_depth",
@@ -95,6 +97,7 @@ class ModelConfig:
         _check(self.width_multiplier > 0, "width_multiplier", f"must be > 0, got {self.width_multiplier}")
         _check(self.sk_ratio >= 0, "sk_ratio", "must be >= 0")
         _check(self.se_ratio >= 0, "se_ratio", "must be >= 0")
+        _check(0 <= self.recompute_groups <= 4, "recompute_groups", f"must be in 0..4, got {self.recompute_groups}")
         _check(-1 <= self.fine_tune_after_block <= 4, "fine_tune_after_block",
                f"must be in -1..4, got {self.fine_tune_after_block}")
         _check(self.proj_head_mode in PROJ_HEAD_MODES, "proj_head_mode",

@@ -87,6 +87,7 @@ def test_use_tpu_explicit_is_recorded():
     (["--train_mode=distill"], "--teacher_checkpoint"),
     (["--resnet_depth=18", "--sk_ratio=-0.0625"], "--sk_ratio"),
     (["--malloc_trim_secs=-1"], "--malloc_trim_secs"),
+    (["--recompute", "--recompute_groups=5"], "--recompute_groups"),
 ])
 def test_invalid_input_names_the_flag(args, flag):
     with pytest.raises(UsageError) as e:

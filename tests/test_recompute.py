@@ -37,12 +37,16 @@ def one_step(model, images, graph):
 
 # Eagerly only the basic blocks: the bottleneck model's eager pass adds half a minute, and the
 # recompute wrapper is the same code for both block kinds.
-@pytest.mark.parametrize("arch,graph", [("basic", True), ("basic", False), ("bottleneck_se", True)],
-                         ids=["basic-tf.function", "basic-eager", "bottleneck_se-tf.function"])
-def test_recompute_gives_the_plain_gradients_and_one_moving_average_update(arch, graph):
+# `groups`: --recompute_groups (the stem and groups 1..k recomputed, the rest kept as usual).
+@pytest.mark.parametrize("arch,graph,groups", [("basic", True, 4), ("basic", False, 4), ("bottleneck_se", True, 4),
+                                               ("basic", True, 1)],
+                         ids=["basic-tf.function", "basic-eager", "bottleneck_se-tf.function",
+                              "basic-first-group-only"])
+def test_recompute_gives_the_plain_gradients_and_one_moving_average_update(arch, graph, groups):
     images = np.random.RandomState(0).rand(6, 16, 16, 3).astype(np.float32)
     plain = SimCLRModel(**ARCHS[arch], num_classes=0)
-    recomputed = SimCLRModel(**ARCHS[arch], num_classes=0, recompute=True)
+    recomputed = SimCLRModel(**ARCHS[arch], num_classes=0, recompute=True, recompute_groups=groups)
+    assert [g.recompute for g in recomputed.backbone.groups] == [g < groups for g in range(4)]
     plain(images[:1], training=False)
     recomputed(images[:1], training=False)
     assert len(plain.weights) == len(recomputed.weights)
@@ -77,3 +81,5 @@ def test_recompute_leaves_inference_alone_and_round_trips_its_setting():
                                plain(images, training=False)["logits_sup"].numpy(), rtol=1e-6, atol=1e-7)
     again = SimCLRModel.from_config(recomputed.get_config())
     assert again.recompute and again.backbone.recompute and all(g.recompute for g in again.backbone.groups)
+    partial = SimCLRModel.from_config(SimCLRModel(**ARCHS["basic"], recompute=True, recompute_groups=2).get_config())
+    assert [g.recompute for g in partial.backbone.groups] == [True, True, False, False]

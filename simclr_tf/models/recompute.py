@@ -35,8 +35,8 @@ def recomputed_call(layer: keras.layers.Layer, inputs: Any, training: bool) -> A
     """`layer(inputs, training=training)` whose backward pass recomputes the layer's activations.
 
     Args:
-        layer: a layer with one tensor input and one tensor output, without randomness (the recomputation
-            must see what the first pass saw).
+        layer: a layer with one tensor input and a tensor or a tuple of tensors as output, without randomness
+            (the recomputation must see what the first pass saw).
         inputs: its input.
         training: passed to the layer (both passes).
     """
@@ -46,12 +46,14 @@ def recomputed_call(layer: keras.layers.Layer, inputs: Any, training: bool) -> A
     def forward(x):
         y = layer(x, training=training)
 
-        def backward(dy, variables=None):
+        def backward(*dys, variables=None):
+            # An output the loss does not use (the stem's pre-BN endpoint) may come with no gradient: zero.
+            dys = [tf.zeros_like(y_i) if dy is None else dy for dy, y_i in zip(dys, tf.nest.flatten(y))]
             # Make the recomputation depend on the incoming gradient: TF runs an op as soon as its inputs are
             # ready, so without this every block's recomputation could run right after the forward pass, all
             # alive at once. A data dependency (not a control one), because XLA ignores control dependencies.
-            # It adds 0, or NaN where dy is NaN, so nothing is hidden.
-            first = tf.reshape(dy, [-1])[0]
+            # It adds 0, or NaN where the last output's gradient is NaN, so nothing is hidden.
+            first = tf.reshape(dys[-1], [-1])[0]
             after_dy = tf.where(tf.math.is_nan(first), tf.constant(float("nan"), x.dtype), tf.zeros([], x.dtype))
             with tf.GradientTape() as tape:
                 x_again = x + after_dy
@@ -59,7 +61,7 @@ def recomputed_call(layer: keras.layers.Layer, inputs: Any, training: bool) -> A
                 with keras.StatelessScope():  # no second moving-average update
                     y_again = layer(x_again, training=training)
             watched = list(variables or [])
-            grads = tape.gradient(y_again, [x_again] + watched, output_gradients=dy)
+            grads = tape.gradient(tf.nest.flatten(y_again), [x_again] + watched, output_gradients=list(dys))
             return grads[0], grads[1:]
 
         return y, backward

@@ -176,14 +176,17 @@ class ResNet(CompositeLayer):
     `fine_tune_after_block` k freezes the stem (k >= 0) and groups 1..k: their variables are not trainable
     and they run BN in inference mode even when the model is called with `training=True`.
     `call` returns the endpoints `initial_conv`, `initial_max_pool`, `block_group1..4` and `h`.
-    `recompute` (TensorFlow backend): training recomputes each residual block's activations in the backward
-    pass instead of keeping them: less memory for one more forward pass, same numbers.
+    `recompute` (TensorFlow backend): training recomputes the stem's and each residual block's activations in
+    the backward pass instead of keeping them: less memory for one more forward pass, same numbers.
+    `recompute_groups` k limits that to the stem and groups 1..k: early groups hold most of the activations
+    (each group halves the spatial size and doubles the channels) for about equal shares of the compute, so
+    the later groups cost the most recomputation per byte saved.
     """
 
     def __init__(self, resnet_depth: int = 50, width_multiplier: float = 1.0, sk_ratio: float = 0.0,
                  se_ratio: float = 0.0, cifar_stem: bool = False, batch_norm_decay: float = 0.9,
                  global_bn: bool = True, fine_tune_after_block: int = -1, recompute: bool = False,
-                 **kwargs: Any) -> None:
+                 recompute_groups: int = 4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if resnet_depth not in BLOCKS_PER_DEPTH:
             raise UsageError("--resnet_depth", f"{resnet_depth} is not one of {sorted(BLOCKS_PER_DEPTH)}")
@@ -193,6 +196,8 @@ class ResNet(CompositeLayer):
             raise UsageError("--sk_ratio" if sk_ratio < 0 else "--se_ratio", "must be >= 0")
         if not -1 <= fine_tune_after_block <= 4:
             raise UsageError("--fine_tune_after_block", f"{fine_tune_after_block} is not in -1..4")
+        if not 0 <= recompute_groups <= 4:
+            raise UsageError("--recompute_groups", f"{recompute_groups} is not in 0..4")
         self.resnet_depth = resnet_depth
         self.width_multiplier = width_multiplier
         self.sk_ratio = sk_ratio
@@ -202,6 +207,7 @@ class ResNet(CompositeLayer):
         self.global_bn = global_bn
         self.fine_tune_after_block = fine_tune_after_block
         self.recompute = recompute
+        self.recompute_groups = recompute_groups
         kind, counts = BLOCKS_PER_DEPTH[resnet_depth]
         self.bottleneck = kind == "bottleneck"
         self.stem = Stem(width_multiplier, cifar_stem, sk_ratio > 0, batch_norm_decay, global_bn, name="stem")
@@ -209,7 +215,7 @@ class ResNet(CompositeLayer):
         for g, (base, n, stride) in enumerate(zip(GROUP_BASE_FILTERS, counts, GROUP_STRIDES)):
             setattr(self, f"block_group{g + 1}", BlockGroup(  # attributes, not a list: see Stem.convs
                 scaled(base, width_multiplier), n, stride, self.bottleneck, sk_ratio, se_ratio, batch_norm_decay,
-                global_bn, recompute, name=f"block_group{g + 1}"))
+                global_bn, recompute and g < recompute_groups, name=f"block_group{g + 1}"))
         self.output_dim = scaled(512, width_multiplier) * (4 if self.bottleneck else 1)
         for part in self.frozen_parts():
             part.trainable = False
@@ -233,7 +239,11 @@ class ResNet(CompositeLayer):
 
     def call(self, inputs, training=None):
         frozen = self.fine_tune_after_block + 1
-        initial_conv, x = self.stem(inputs, training=False if frozen > 0 else training)
+        stem_training = False if frozen > 0 else training
+        # The stem is recomputed too: its convolution is cheap (3 input channels) while the activations it
+        # keeps are the largest of the network's (with the CIFAR stem, each as large as a group-1 activation).
+        initial_conv, x = (recomputed_call(self.stem, inputs, stem_training) if self.recompute and stem_training
+                           else self.stem(inputs, training=stem_training))
         endpoints = {"initial_conv": initial_conv, "initial_max_pool": x}
         for g, group in enumerate(self.groups):
             x = group(x, training=False if frozen > g + 1 else training)
@@ -249,4 +259,4 @@ class ResNet(CompositeLayer):
                 "width_multiplier": self.width_multiplier, "sk_ratio": self.sk_ratio, "se_ratio": self.se_ratio,
                 "cifar_stem": self.cifar_stem, "batch_norm_decay": self.batch_norm_decay,
                 "global_bn": self.global_bn, "fine_tune_after_block": self.fine_tune_after_block,
-                "recompute": self.recompute}
+                "recompute": self.recompute, "recompute_groups": self.recompute_groups}

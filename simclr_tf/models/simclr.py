@@ -31,7 +31,7 @@ class SimCLRModel(keras.Model):
                  proj_out_dim: int = 128, num_proj_layers: int = 3, ft_proj_selector: int = 0,
                  num_classes: int | None = None, batch_norm_decay: float = 0.9, global_bn: bool = True,
                  fine_tune_after_block: int = -1, linear_eval_stop_gradient: bool = True,
-                 recompute: bool = False, **kwargs: Any) -> None:
+                 recompute: bool = False, recompute_groups: int = 4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.resnet_depth = resnet_depth
         self.width_multiplier = width_multiplier
@@ -48,10 +48,12 @@ class SimCLRModel(keras.Model):
         self.fine_tune_after_block = fine_tune_after_block
         self.linear_eval_stop_gradient = linear_eval_stop_gradient
         self.recompute = recompute
+        self.recompute_groups = recompute_groups
 
         self.backbone = ResNet(resnet_depth, width_multiplier, sk_ratio, se_ratio, cifar_stem=image_size <= 32,
                                batch_norm_decay=batch_norm_decay, global_bn=global_bn,
-                               fine_tune_after_block=fine_tune_after_block, recompute=recompute, name="resnet")
+                               fine_tune_after_block=fine_tune_after_block, recompute=recompute,
+                               recompute_groups=recompute_groups, name="resnet")
         self.projection_head = ProjectionHead(proj_head_mode, num_proj_layers, proj_out_dim, batch_norm_decay,
                                               global_bn, name="projection_head")
         num_layers = self.projection_head.num_layers
@@ -111,7 +113,8 @@ class SimCLRModel(keras.Model):
                 "ft_proj_selector": self.ft_proj_selector, "num_classes": self.num_classes,
                 "batch_norm_decay": self.batch_norm_decay, "global_bn": self.global_bn,
                 "fine_tune_after_block": self.fine_tune_after_block,
-                "linear_eval_stop_gradient": self.linear_eval_stop_gradient, "recompute": self.recompute}
+                "linear_eval_stop_gradient": self.linear_eval_stop_gradient, "recompute": self.recompute,
+                "recompute_groups": self.recompute_groups}
 
     @classmethod
     def from_config(cls, config: dict) -> "SimCLRModel":
