@@ -1,10 +1,12 @@
-"""Two variants of the same pretraining on the CIFAR-10 dev subset, side by side at equal steps: SimCLRv2's memory
-of negatives off vs on (`--compare memory`, the default), or float32 vs mixed bfloat16 compute (`--compare
-precision`, the accuracy-parity check of a faster path); then linear-eval and kNN top-1 of each encoder, the time
-per step and what the run costs in memory.
+"""Variants of the same pretraining on the CIFAR-10 dev subset, side by side at equal steps: SimCLRv2's memory
+of negatives off vs on (`--compare memory`, the default), float32 vs mixed bfloat16 compute (`--compare
+precision`, the accuracy-parity check of a faster path), or Keras' own BatchNormalization code vs our fused one vs
+the memory-lean step (`--compare lean`: fused BN with the stem and block groups 1-2 recomputed, the parity check of
+those levers); then linear-eval and kNN top-1 of each encoder, the time per step and what the run costs in memory.
 
     python bench/memory.py --data ../shared/data/cifar10_dev.npz --steps 2000 --seeds 0,1 --out runs/bench/memory.md
     python bench/memory.py --compare precision --steps 400 --seeds 0,1 --out runs/bench/precision.md
+    python bench/memory.py --compare lean --steps 400 --seeds 0,1 --out runs/bench/lean.md
 
 Every (variant, seed) row runs in its own process (`common.run_row`, which also reports its peak RSS), with the
 protocol of bench/accuracy.py (its `make_config` and `evaluate`: ResNet-18 CIFAR stem width 0.25, LARS, τ 0.5,
@@ -36,7 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 DEFAULT_DATA = os.path.join(common.REPO_DIR, "..", "shared", "data", "cifar10_dev.npz")
-COMPARISONS = {"memory": ("off", "on"), "precision": ("float32", "bfloat16")}
+COMPARISONS = {"memory": ("off", "on"), "precision": ("float32", "bfloat16"),
+               # keras_bn: the BN code before the fused kernel (Keras' own, element-wise ops); float32: the
+               # defaults (fused BN); lean: + --recompute --recompute_groups=2. The lean setting's heap trimming
+               # (--malloc_trim_secs, run.py's) returns free pages only and cannot change a number.
+               "lean": ("keras_bn", "float32", "lean")}
 VARIANTS = tuple(v for variants in COMPARISONS.values() for v in variants)
 
 
@@ -51,6 +57,10 @@ def row(args: argparse.Namespace) -> None:
     from simclr_tf import config as config_lib
     from simclr_tf.train import Trainer
 
+    if args.variant == "keras_bn":
+        # A bench-only switch back to Keras' BatchNormalization code path (no flag selects it).
+        from simclr_tf.models import layers
+        layers.BatchNormalization._fusable = lambda self, inputs, training, mask: False
     tf.keras.utils.set_random_seed(args.seed)
     workdir = tempfile.mkdtemp(prefix="simclr_bench_memory_")
     try:
@@ -62,7 +72,8 @@ def row(args: argparse.Namespace) -> None:
             seed=args.seed, memory_size=args.memory_size if args.variant == "on" else 0,
             memory_momentum=args.memory_momentum,
             # Forced: `--mixed_precision` alone stays in float32 on CPUs without bfloat16 instructions.
-            mixed_precision=args.variant == "bfloat16", mixed_precision_dtype="bfloat16"))
+            mixed_precision=args.variant == "bfloat16", mixed_precision_dtype="bfloat16",
+            recompute=args.variant == "lean", recompute_groups=2 if args.variant == "lean" else 4))
         strategy, source = simclr_app.prepare(config, log=lambda _: None)
         lines: List[tuple] = []
         trainer = Trainer(config, strategy, source, log=lambda m: lines.append((time.monotonic(), m)))
@@ -89,20 +100,24 @@ def row(args: argparse.Namespace) -> None:
 
 def table(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     """The Markdown report: one line per run, then the mean over seeds per variant."""
-    first, second = COMPARISONS[args.compare]
     memory = args.compare == "memory"
-    title = "Memory of negatives" if memory else "Compute precision"
-    out = [f"# {title}: {first} vs {second} (CIFAR-10 dev, batch {args.batch}, {args.steps} steps)", "",
+    column = "variant" if args.compare == "lean" else args.compare  # "lean" is also one of its variants
+    title = {"memory": "Memory of negatives", "precision": "Compute precision", "lean": "BN kernel and recompute"}
+    variants = " vs ".join(COMPARISONS[args.compare])
+    out = [f"# {title[args.compare]}: {variants} (CIFAR-10 dev, batch {args.batch}, {args.steps} steps)", "",
            f"`{' '.join(['python', 'bench/memory.py', *sys.argv[1:]])}`", "",
            f"ResNet-{args.depth} width {args.width:g}, CIFAR stem, LARS lr {args.learning_rate:g} (linear scaling), "
            f"warmup {args.warmup_epochs:g} epoch(s) then cosine, τ 0.5; "
-           + (f"memory on: K = {args.memory_size}, m = {args.memory_momentum:g}. " if args.compare == "memory" else
-              "bfloat16: --mixed_precision (bfloat16 compute; float32 variables, loss, BN statistics, optimizer). ")
+           + {"memory": f"memory on: K = {args.memory_size}, m = {args.memory_momentum:g}. ",
+              "precision": "bfloat16: --mixed_precision (bfloat16 compute; float32 variables, loss, BN statistics, "
+                           "optimizer). ",
+              "lean": "keras_bn: Keras' own BatchNormalization code; float32: the defaults (TensorFlow's fused BN "
+                      "kernel); lean: + --recompute --recompute_groups=2. "}[args.compare]
            + "Linear eval and weighted kNN (k = 200) on the frozen h, as "
            "bench/accuracy.py. s/step: in-process, after the first (tracing) chunk. "
            + ("Queue: K × d × 4 bytes; copy: the momentum encoder's weights (backbone + head, float32). " if memory
               else "") + "Peak RSS: the whole row process.", "",
-           f"| {args.compare} | seed | steps | linear top-1 | kNN top-1 | s/step | contrast_acc (last chunk) "
+           f"| {column} | seed | steps | linear top-1 | kNN top-1 | s/step | contrast_acc (last chunk) "
            + ("| queue MiB | copy MiB " if memory else "") + "| peak RSS MiB |",
            "|---|---|---|---|---|---|---|" + ("---|---|" if memory else "") + "---|"]
     for r in results:
@@ -111,7 +126,7 @@ def table(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
                    f"| {r['final_metrics'].get('contrast_acc', float('nan')):.3f} "
                    + (f"| {r['queue_mib']:.2f} | {r['copy_mib']:.2f} " if memory else "")
                    + f"| {r['peak_rss_mb']:.0f} |")
-    out += ["", f"| {args.compare} | runs | mean linear top-1 | mean kNN top-1 | mean s/step |", "|---|---|---|---|---|"]
+    out += ["", f"| {column} | runs | mean linear top-1 | mean kNN top-1 | mean s/step |", "|---|---|---|---|---|"]
     for variant in COMPARISONS[args.compare]:
         rows = [r for r in results if r["variant"] == variant]
         if rows:
