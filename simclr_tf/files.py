@@ -1,4 +1,4 @@
-"""Small files (flags.json, result.json) written so that a reader never sees half of one."""
+"""Small files (flags.json, result.json, a TFRecord folder's info) written so that no reader sees half of one."""
 import os
 import uuid
 

@@ -35,6 +35,7 @@ from simclr_tf.data.sources.splits import names_are_splits
 from simclr_tf.data.sources.tfrecord import (CLASS_TEXT_KEY, FILENAME_KEY, FORMAT_KEY, IMAGE_KEY, INFO_FILE,
                                              INFO_FORMAT, LABEL_KEY)
 from simclr_tf.errors import UsageError
+from simclr_tf.files import write_text_atomically
 
 DEFAULT_IMAGES_PER_SHARD = 1024
 _SHARD_RE = re.compile(r"^(?P<split>[\w.]+)-\d{5}-of-\d{5}\.tfrecord$")
@@ -109,7 +110,7 @@ def make_tfrecords(dataset: str, out_dir: str, *, shards: Optional[int] = None,
     for old in stale:
         if old not in written:
             os.remove(os.path.join(out_dir, old))
-    _write_json_atomically(os.path.join(out_dir, INFO_FILE), info)
+    write_text_atomically(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=1))
 
     skipped = info["skipped_files"]
     total = sum(s["num_examples"] for s in info["splits"].values())
@@ -230,13 +231,6 @@ def _load(path: str) -> Optional[tuple[bytes, str]]:
 
 def _bytes(value: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def _write_json_atomically(path: str, value: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
